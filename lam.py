@@ -1,0 +1,227 @@
+"""
+The latent action model (LAM): inverse dynamics model (IDM), quantizers, and the two-stage baseline's
+decoder (forward dynamics model, FDM).
+
+The IDM looks at a clip of T frames and emits T-1 latent actions, one per transition (o_t, o_t+1).
+In CoLA-World the IDM is trained through the world model's flow loss; in the two-stage baseline it is
+trained with the small pixel decoder here first and then frozen. Imports only model.py.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from model import AttentionPool, Block, STBlock, patchify, sincos_2d, unpatchify
+
+
+@dataclass
+class LAMConfig:
+    res: int = 64                # frame side in pixels
+    patch: int = 8
+    channels: int = 3
+    max_frames: int = 16         # longest clip the temporal position embedding covers
+    width: int = 128
+    depth: int = 4
+    n_heads: int = 4
+    n_action_tokens: int = 2     # tokens per latent action
+    action_dim: int = 32         # channels per token
+    quantizer: str = 'vq'        # 'vq' | 'fsq' | 'none' (continuous, for ablations)
+    codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
+    fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
+    dead_code_restart: bool = False  # OFF by default so the paper's collapse stays observable
+    crop_min: float = 0.8        # random-crop augmentation keeps this fraction of the side, at least
+    dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
+
+
+# ----------------------------------------------------------------------------------------------------
+# quantizers: each maps z_e (..., d) -> (z_q, codes, codebook_loss, commit_loss)
+
+class VQ(nn.Module):
+    """Vector quantizer (van den Oord et al. 2017) with a straight-through gradient.
+
+    codebook loss ||sg(z_e) - e||^2 moves entries to the encoder outputs; commitment loss
+    ||z_e - sg(e)||^2 keeps the encoder near its entry (weighted 0.25 by the trainer).
+    """
+
+    def __init__(self, size, dim, dead_code_restart=False):
+        super().__init__()
+        self.size = size
+        self.codebook = nn.Parameter(torch.randn(size, dim))
+        self.dead_code_restart = dead_code_restart
+
+    def forward(self, z):
+        flat = z.reshape(-1, z.shape[-1]).float()  # (M, d)
+        codes = torch.cdist(flat, self.codebook.float()).argmin(dim=1)  # (M,)
+        if self.dead_code_restart and self.training:
+            self.restart_dead(flat.detach(), codes)
+        z_q = self.codebook[codes].view_as(z).to(z.dtype)
+        codebook_loss = F.mse_loss(z_q, z.detach())
+        commit_loss = F.mse_loss(z, z_q.detach())
+        z_q = z + (z_q - z).detach()  # straight-through: forward uses e, backward passes to z_e
+        return z_q, codes.view(z.shape[:-1]), codebook_loss, commit_loss
+
+    @torch.no_grad()
+    def restart_dead(self, flat, codes):
+        """Move entries unused in this batch onto random encoder outputs of the batch."""
+        dead = torch.bincount(codes, minlength=self.size) == 0
+        n = int(dead.sum())
+        if n:
+            pick = torch.randint(len(flat), (n,), device=flat.device)
+            self.codebook.data[dead] = flat[pick].to(self.codebook.dtype)
+
+
+class FSQ(nn.Module):
+    """Finite scalar quantization (Mentzer et al. 2023): project to len(levels) dims, bound each with
+    tanh, round to its grid (straight-through), project back. No codebook losses; codes are mixed-radix."""
+
+    def __init__(self, levels, dim):
+        super().__init__()
+        self.register_buffer('levels', torch.tensor(levels), persistent=False)
+        self.register_buffer('radix', torch.cumprod(torch.tensor([1] + list(levels[:-1])), 0), persistent=False)
+        self.size = math.prod(levels)
+        self.down = nn.Linear(dim, len(levels))
+        self.up = nn.Linear(len(levels), dim)
+
+    def forward(self, z):
+        L = self.levels.float()
+        half = (L - 1) * (1 - 1e-3) / 2
+        # even level counts need a half-step offset so the rounded grid has exactly L values
+        offset = (self.levels % 2 == 0).float() * 0.5
+        bounded = torch.tanh(self.down(z) + torch.atanh(offset / half)) * half - offset
+        r = bounded + (bounded.round() - bounded).detach()  # integers in [-L//2, (L-1)//2], straight-through
+        codes = ((r.detach() + (self.levels // 2)).long() * self.radix).sum(-1)
+        zero = z.new_zeros(())
+        return self.up(r / (self.levels // 2)), codes, zero, zero
+
+
+class NoQuant(nn.Module):
+    """Continuous latent actions (no bottleneck): the ablation the paper did not run."""
+    size = 0
+
+    def forward(self, z):
+        zero = z.new_zeros(())
+        return z, None, zero, zero
+
+
+def code_stats(codes, size):
+    """Codebook health from a tensor of code indices (any shape), as named in CONTRACT.md:
+    util = fraction of entries used, max = largest single-entry frequency, entropy = H / log(size),
+    perplexity = exp(H)."""
+    counts = torch.bincount(codes.flatten().cpu(), minlength=size).double()
+    p = counts / counts.sum().clamp(min=1)
+    H = -(p[p > 0] * p[p > 0].log()).sum().item()
+    return dict(code_util=(counts > 0).double().mean().item(), code_max=p.max().item(),
+                code_entropy=H / math.log(size), code_perplexity=math.exp(H))
+
+
+# ----------------------------------------------------------------------------------------------------
+# augmentation
+
+def random_crop(x, crop_min, generator=None):
+    """Crop each clip at a random square (side in [crop_min, 1] of the frame, random place) and resize it
+    back, the same crop for all frames of a clip. x: (B, T, C, H, W)."""
+    B, T = x.shape[:2]
+    s = torch.empty(B, device=x.device).uniform_(crop_min, 1.0, generator=generator)
+    cx = (torch.rand(B, device=x.device, generator=generator) * 2 - 1) * (1 - s)
+    cy = (torch.rand(B, device=x.device, generator=generator) * 2 - 1) * (1 - s)
+    theta = torch.zeros(B, 2, 3, device=x.device)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, cx, cy
+    theta = theta.repeat_interleave(T, dim=0)
+    flat = x.flatten(0, 1)
+    grid = F.affine_grid(theta, flat.shape, align_corners=False)
+    return F.grid_sample(flat, grid, mode='bilinear', align_corners=False).view_as(x)
+
+
+# ----------------------------------------------------------------------------------------------------
+# the IDM, the baseline decoder, and the LAM that holds them
+
+class IDM(nn.Module):
+    """Inverse dynamics: clip (B, T, C, H, W) -> continuous latent actions z_e (B, T-1, n_tok, action_dim).
+
+    An ST-transformer with causal temporal attention encodes every frame; for transition t, learned
+    queries attend over the features of frames t and t+1 (tagged by a learned 'which frame' embedding).
+    Causality means action t depends on frames <= t+1 only.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
+        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
+        self.pos_time = nn.Parameter(torch.randn(cfg.max_frames, D) * 0.02)
+        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(D)
+        self.pair_tag = nn.Parameter(torch.randn(2, 1, D) * 0.02)  # frame t vs frame t+1
+        self.pool = AttentionPool(D, cfg.n_heads, cfg.n_action_tokens)
+        self.head = nn.Linear(D, cfg.action_dim)
+
+    def forward(self, x):
+        T = x.shape[1]
+        if T < 2 or T > self.cfg.max_frames:
+            raise ValueError(f"IDM takes clips of 2..{self.cfg.max_frames} frames, got shape {tuple(x.shape)}")
+        h = self.embed(patchify(x, self.cfg.patch)) + self.pos_space + self.pos_time[:T, None]
+        for blk in self.blocks:
+            h = blk(h)
+        h = self.norm(h)  # (B, T, N, D)
+        pairs = torch.cat([h[:, :-1] + self.pair_tag[0], h[:, 1:] + self.pair_tag[1]], dim=2)  # (B, T-1, 2N, D)
+        z = self.pool(pairs.flatten(0, 1))  # (B*(T-1), n_tok, D)
+        return self.head(z).view(x.shape[0], T - 1, self.cfg.n_action_tokens, self.cfg.action_dim)
+
+
+class Decoder(nn.Module):
+    """Two-stage baseline forward dynamics model: a spatial transformer over frame t's patches plus the
+    action tokens, predicting frame t+1's pixels (as a residual on frame t; zero-initialised head)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
+        self.act_embed = nn.Linear(cfg.action_dim, D)
+        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
+        self.blocks = nn.ModuleList(Block(D, cfg.n_heads) for _ in range(cfg.dec_depth))
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.patch ** 2 * cfg.channels)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, frames, z):
+        """frames: (B, T-1, C, H, W) current frames; z: (B, T-1, n_tok, d) -> predicted next frames."""
+        B, T1, C, H, W = frames.shape
+        N = (H // self.cfg.patch) ** 2
+        cur = patchify(frames, self.cfg.patch).flatten(0, 1)  # (B*(T-1), N, p*p*C)
+        h = torch.cat([self.embed(cur) + self.pos_space, self.act_embed(z.flatten(0, 1))], dim=1)
+        for blk in self.blocks:
+            h = blk(h)
+        delta = self.head(self.norm(h[:, :N]))
+        return unpatchify((cur + delta).view(B, T1, N, -1), self.cfg.patch, H, W)
+
+
+class LAM(nn.Module):
+    """IDM + quantizer (+ the baseline decoder when cfg.dec_depth > 0); saved as `lam` in checkpoints."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.idm = IDM(cfg)
+        if cfg.quantizer == 'vq':
+            self.quantizer = VQ(cfg.codebook_size, cfg.action_dim, cfg.dead_code_restart)
+        elif cfg.quantizer == 'fsq':
+            self.quantizer = FSQ(tuple(cfg.fsq_levels), cfg.action_dim)
+        elif cfg.quantizer == 'none':
+            self.quantizer = NoQuant()
+        else:
+            raise ValueError(f"--quantizer must be vq, fsq or none, got {cfg.quantizer!r}")
+        self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
+
+    def forward(self, frames, augment=False):
+        """frames: (B, T, C, H, W) in [-1, 1]. `augment` applies the random crop; the trainer sets it
+        only while the LAM is being updated. Returns z (B, T-1, n_tok, d), codes, and the VQ losses."""
+        if augment:
+            frames = random_crop(frames, self.cfg.crop_min)
+        z, codes, codebook_loss, commit_loss = self.quantizer(self.idm(frames))
+        return dict(z=z, codes=codes, codebook_loss=codebook_loss, commit_loss=commit_loss)

@@ -1,0 +1,191 @@
+"""
+The world model: a compact video diffusion transformer (DiT) on pixel patches, its action-conditioning
+modules, rectified-flow training and the Euler sampler with classifier-free guidance.
+
+Two modules, saved separately in checkpoints (CONTRACT.md):
+  VideoDiT       (`wm`)      the backbone; pretrained action-free, frozen during the warm-up.
+  ActionEncoder  (`action`)  new modules that turn latent actions into per-frame modulation that is
+                             ADDED to the timestep modulation in every block, as in the paper.
+Alignment: frame k is conditioned on the transition that produced it, action k-1; frame 0 gets the
+learned null action. Imports only model.py.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from model import Block, STBlock, TimestepEmbedder, modulate, patchify, sincos_2d, unpatchify
+
+
+@dataclass
+class WMConfig:
+    res: int = 64
+    patch: int = 8
+    channels: int = 3
+    n_frames: int = 6           # clip length T the model is trained on (and rolls out in windows of)
+    n_context: int = 2          # clean context frames; only the other T - n_context frames are noised
+    width: int = 128
+    depth: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    n_action_tokens: int = 2    # must match the LAM
+    action_dim: int = 32
+    act_width: int = 128        # the action transformer (paper: 6 blocks)
+    act_depth: int = 2
+
+
+class VideoDiT(nn.Module):
+    """Noisy clip (B, T, C, H, W) + per-frame flow time (B, T) -> velocity (B, T, C, H, W).
+
+    ST blocks with causal temporal attention and adaLN-Zero; the final layer is zero-initialised too,
+    so a fresh model outputs zeros and every block is the identity on its residual stream.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.width
+        self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
+        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
+        self.pos_time = nn.Parameter(torch.randn(cfg.n_frames, D) * 0.02)
+        self.t_embed = TimestepEmbedder(D)
+        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads, cfg.mlp_ratio, cond=True) for _ in range(cfg.depth))
+        self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
+        self.head = nn.Linear(D, cfg.patch ** 2 * cfg.channels)
+        for layer in (self.adaLN_out[1], self.head):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, t, mod_add=None):
+        """x: (B, T, C, H, W); t: (B, T) in [0, 1] (0 = clean); mod_add: (B, T, 9*D) from ActionEncoder."""
+        B, T, C, H, W = x.shape
+        if T > self.cfg.n_frames or (H, W) != (self.cfg.res, self.cfg.res):
+            raise ValueError(f"world model takes up to {self.cfg.n_frames} frames of {self.cfg.res}x{self.cfg.res}, "
+                             f"got shape {tuple(x.shape)}")
+        h = self.embed(patchify(x, self.cfg.patch)) + self.pos_space + self.pos_time[:T, None]  # (B, T, N, D)
+        c = self.t_embed(t)  # (B, T, D)
+        for blk in self.blocks:
+            h = blk(h, c, mod_add)
+        shift, scale = self.adaLN_out(c)[:, :, None].chunk(2, dim=-1)
+        return unpatchify(self.head(modulate(self.norm_out(h), shift, scale)), self.cfg.patch, H, W)
+
+
+class ActionEncoder(nn.Module):
+    """Latent actions (B, T-1, n_tok, d) -> per-frame modulation (B, T, 9*D) added in every DiT block.
+
+    A small causal transformer runs over the per-frame action sequence (so action k cannot influence
+    frames < k+1 through it), then one MLP gives shift/scale/gate. Its last layer starts at zero, so
+    attaching it to a pretrained backbone changes nothing at step 0. The learned `null` action stands
+    in for frame 0, for dropped conditions (classifier-free guidance) and for action-free rollouts.
+    """
+
+    def __init__(self, cfg):
+        super().__init__()
+        A = cfg.act_width
+        self.inp = nn.Linear(cfg.n_action_tokens * cfg.action_dim, A)
+        self.null = nn.Parameter(torch.randn(A) * 0.02)
+        self.pos = nn.Parameter(torch.randn(cfg.n_frames, A) * 0.02)
+        self.blocks = nn.ModuleList(Block(A, max(1, A // 64)) for _ in range(cfg.act_depth))
+        self.out = nn.Sequential(nn.LayerNorm(A), nn.Linear(A, A), nn.SiLU(), nn.Linear(A, 9 * cfg.width))
+        nn.init.zeros_(self.out[-1].weight)
+        nn.init.zeros_(self.out[-1].bias)
+
+    def forward(self, z, drop=None, T=None):
+        """z: (B, T-1, n_tok, d) or None (null everywhere; then give T); drop: (B,) bool, True -> null."""
+        if z is None:
+            a = self.null.expand(1, T - 1, -1)
+        else:
+            a = self.inp(z.flatten(2))  # (B, T-1, A)
+            if drop is not None:
+                a = torch.where(drop[:, None, None], self.null.to(a.dtype), a)
+        a = torch.cat([self.null.to(a.dtype).expand(a.shape[0], 1, -1), a], dim=1)  # frame 0: null
+        a = a + self.pos[:a.shape[1]]
+        for blk in self.blocks:
+            a = blk(a, causal=True)
+        return self.out(a)  # (B, T, 9*D)
+
+
+# ----------------------------------------------------------------------------------------------------
+# rectified flow: x_t = (1 - t) x_0 + t * noise, velocity target noise - x_0, t = 0 is clean
+
+def flow_loss(wm, action, x0, z, cond_drop=0.0, generator=None):
+    """Flow-matching loss on the future frames of clean clips x0 (B, T, C, H, W) in [-1, 1].
+
+    The first n_context frames stay clean (t = 0) and carry no loss; the others share one logit-normal
+    t per clip. `action` is None for action-free pretraining; otherwise z (B, T-1, n_tok, d) conditions
+    the clip and is replaced by the null action with probability cond_drop.
+    """
+    B, T = x0.shape[:2]
+    nc = wm.cfg.n_context
+    t = torch.sigmoid(torch.randn(B, device=x0.device, generator=generator))  # logit-normal(0, 1)
+    t_frames = torch.cat([t.new_zeros(B, nc), t[:, None].expand(B, T - nc)], dim=1)  # (B, T)
+    noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+    tt = t_frames[:, :, None, None, None].to(x0.dtype)
+    x_t = (1 - tt) * x0 + tt * noise
+    mod = None
+    if action is not None:
+        drop = torch.rand(B, device=x0.device, generator=generator) < cond_drop
+        mod = action(z, drop)
+    v = wm(x_t, t_frames, mod)
+    return F.mse_loss(v[:, nc:].float(), (noise - x0)[:, nc:].float())
+
+
+@torch.no_grad()
+def sample(wm, action, ctx, z=None, n_steps=10, cfg_scale=4.0, generator=None):
+    """Generate the future of one window with Euler steps from t = 1 (noise) to t = 0.
+
+    ctx: (B, n_context, C, H, W) clean frames; z: (B, T-1, n_tok, d) latent actions of the window's T
+    frames, or None for the null action (then T = wm.cfg.n_frames). With cfg_scale != 1 the conditional
+    and null velocities are computed in one batched call and combined v_null + s * (v_cond - v_null).
+    Returns (B, T - n_context, C, H, W).
+    """
+    B, nc = ctx.shape[:2]
+    T = wm.cfg.n_frames if z is None else z.shape[1] + 1
+    x = torch.randn((B, T - nc) + ctx.shape[2:], device=ctx.device, generator=generator, dtype=ctx.dtype)
+    guided = action is not None and z is not None and cfg_scale != 1.0
+    if action is None:
+        mod = None
+    elif guided:
+        mod = torch.cat([action(z), action(None, T=T).expand(B, -1, -1)])
+    else:
+        mod = action(z, T=T)
+    ts = torch.linspace(1.0, 0.0, n_steps + 1, device=ctx.device)
+    for i in range(n_steps):
+        t_frames = torch.cat([ts.new_zeros(B, nc), ts[i].expand(B, T - nc)], dim=1)
+        xin = torch.cat([ctx, x], dim=1)
+        if guided:
+            v_cond, v_null = wm(xin.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), mod).chunk(2)
+            v = v_null + cfg_scale * (v_cond - v_null)
+        else:
+            v = wm(xin, t_frames, mod)
+        x = x + (ts[i + 1] - ts[i]) * v[:, nc:]
+    return x
+
+
+@torch.no_grad()
+def rollout(wm, action, ctx, z, n_steps=10, cfg_scale=4.0, generator=None):
+    """Autoregressive sliding-window rollout past one clip.
+
+    ctx: (B, n_context, ...) first frames; z: (B, H_total - 1, n_tok, d) latent actions for every
+    transition of the H_total-frame episode (z[:, k] takes frame k to k+1). Each window re-uses the last
+    n_context frames (generated ones included) as its context. Returns all H_total frames, context first.
+    """
+    nc, Tw = wm.cfg.n_context, wm.cfg.n_frames
+    frames = list(ctx.unbind(1))
+    total = z.shape[1] + 1
+    while len(frames) < total:
+        s = len(frames) - nc  # absolute index of the window's first frame
+        T = min(Tw, total - s)
+        new = sample(wm, action, torch.stack(frames[s:s + nc], 1), z[:, s:s + T - 1], n_steps, cfg_scale, generator)
+        frames += list(new.clamp(-1, 1).unbind(1))
+    return torch.stack(frames, 1)
+
+
+# Size presets: plain values shared by WMConfig and LAMConfig (the trainer applies them to both).
+# 'cpu' learns on the built-in simulator in minutes on 2 cores; 'base' is the paper's IDM size for GPUs.
+PRESETS = {
+    'cpu': dict(res=64, patch=8, n_frames=6, width=128, depth=4, n_heads=4, act_width=128, act_depth=2),
+    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6),
+}
