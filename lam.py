@@ -49,7 +49,9 @@ class VQ(nn.Module):
     def __init__(self, size, dim, dead_code_restart=False):
         super().__init__()
         self.size = size
-        self.codebook = nn.Parameter(torch.randn(size, dim))
+        # small uniform init (as in VQ-VAE): entries start near the origin, so the nearest entry to an
+        # encoder output is decided by its direction and every entry is reachable from step 0
+        self.codebook = nn.Parameter(torch.empty(size, dim).uniform_(-1 / size, 1 / size))
         self.dead_code_restart = dead_code_restart
 
     def forward(self, z):
@@ -114,7 +116,7 @@ def code_stats(codes, size):
     p = counts / counts.sum().clamp(min=1)
     H = -(p[p > 0] * p[p > 0].log()).sum().item()
     return dict(code_util=(counts > 0).double().mean().item(), code_max=p.max().item(),
-                code_entropy=H / math.log(size), code_perplexity=math.exp(H))
+                code_entropy=max(0.0, H) / math.log(size), code_perplexity=math.exp(H))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -218,10 +220,9 @@ class LAM(nn.Module):
             raise ValueError(f"--quantizer must be vq, fsq or none, got {cfg.quantizer!r}")
         self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
 
-    def forward(self, frames, augment=False):
-        """frames: (B, T, C, H, W) in [-1, 1]. `augment` applies the random crop; the trainer sets it
-        only while the LAM is being updated. Returns z (B, T-1, n_tok, d), codes, and the VQ losses."""
-        if augment:
-            frames = random_crop(frames, self.cfg.crop_min)
+    def forward(self, frames):
+        """frames: (B, T, C, H, W) in [-1, 1] -> z (B, T-1, n_tok, d), codes (B, T-1, n_tok), VQ losses.
+        (The trainer applies `random_crop` to the clip first, only while the LAM is being updated, so
+        that the IDM and whatever reconstructs the clip see the same crop.)"""
         z, codes, codebook_loss, commit_loss = self.quantizer(self.idm(frames))
         return dict(z=z, codes=codes, codebook_loss=codebook_loss, commit_loss=commit_loss)

@@ -1,13 +1,20 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny shapes; every test can fail."""
+import json
 import math
+import os
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
+import data
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats, random_crop
 from model import STBlock, patchify, unpatchify
 from world_model import ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(res=16, patch=4, width=32, depth=2, n_heads=2)
 
 
@@ -189,4 +196,209 @@ def test_sampler_deterministic_and_rollout_shapes():
     guided = sample(wm, act, ctx, z, n_steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
     assert not torch.equal(a, guided)  # the guidance scale matters
     frames = rollout(wm, act, ctx, torch.randn(2, 10, 2, 32), n_steps=2, generator=torch.Generator().manual_seed(0))
+    assert rollout(wm, act, ctx, None, total=9, n_steps=2).shape == (2, 9, 3, 16, 16)
     assert frames.shape == (2, 11, 3, 16, 16) and torch.equal(frames[:, :2], ctx)
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py
+
+def test_simulator_is_deterministic():
+    a, b, c = data.generate_episode(3, 12, 32), data.generate_episode(3, 12, 32), data.generate_episode(4, 12, 32)
+    for k in ('frames', 'actions', 'states'):
+        assert a[k].tobytes() == b[k].tobytes()
+    assert a['frames'].shape == (12, 32, 32, 3) and a['actions'].shape == (11, 2) and a['states'].shape == (12, 8)
+    assert not np.array_equal(a['frames'], c['frames'])
+    # Appearance is drawn after the layout, so dynamics do not depend on the resolution.
+    assert np.array_equal(a['states'], data.generate_episode(3, 12, 16)['states'])
+
+
+def test_actions_align_with_frames_and_state_round_trips():
+    ep = data.generate_episode(5, 16, 32)
+    sim = data.PushSim(32, 5)
+    assert np.array_equal(sim.render(), ep['frames'][0])
+    for t in range(15):
+        sim.set_state(ep['states'][t])
+        assert np.array_equal(sim.render(), ep['frames'][t])
+        assert np.array_equal(sim.step(ep['actions'][t]), ep['frames'][t + 1])
+        assert np.array_equal(sim.get_state(), ep['states'][t + 1])
+    before = sim.get_state()
+    sim.step([0.0, 0.0])
+    assert np.array_equal(sim.get_state(), before)
+    sim.step([5.0, 0.0])  # clipped to 1: at most SPEED
+    assert 0 < abs(sim.get_state()[0] - before[0]) <= data.SPEED + 1e-6 or before[0] >= 1 - sim.r - 1e-6
+    # absent blocks are zeros
+    assert np.all(sim.get_state()[2 + 2 * sim.n_blocks:] == 0)
+
+
+def test_pushing_moves_blocks_and_keeps_them_apart():
+    moved = 0
+    for seed in range(10):
+        st = data.generate_episode(seed, 32, 16)['states']
+        moved += np.abs(np.diff(st[:, 2:], axis=0)).max() > 0.02
+        sim = data.PushSim(16, seed)
+        for s in st:  # no two bodies overlap (bounding boxes), everything inside the walls
+            pos, half = s.reshape(-1, 2)[:1 + sim.n_blocks], np.array(sim.half)
+            assert np.all(pos - half[:, None] >= -1e-5) and np.all(pos + half[:, None] <= 1 + 1e-5)
+            for i in range(len(pos)):
+                for j in range(i + 1, len(pos)):
+                    assert np.max(np.abs(pos[i] - pos[j]) - half[i] - half[j]) >= -1e-5
+    assert moved >= 7
+
+
+def test_blocked_block_stops_the_agent():
+    sim = data.PushSim(32, 0)
+    sim.n_blocks, sim.half = 1, [sim.r, sim.h[0]]
+    wall = 1 - sim.h[0]
+    sim.set_state([wall - sim.h[0] - sim.r - 0.01, 0.5, wall, 0.5])  # block against the right wall
+    for _ in range(3):
+        sim.step([1, 0])
+    x, _, bx, _ = sim.get_state()[:4]
+    assert bx == pytest.approx(wall) and x == pytest.approx(wall - sim.h[0] - sim.r, abs=1e-6)
+
+
+def test_planning_tasks_are_reachable():
+    for family in ('reach', 'push'):
+        for seed in range(3):
+            task = data.make_task(family, seed, horizon=20, res=32)
+            args = (task['goal_state'], task['n_blocks'])
+            assert data.task_success(family, task['goal_state'], *args)
+            assert not data.task_success(family, task['start_state'], *args)
+            sim = data.PushSim(32, task['episode_seed'])  # replaying the plan reaches the goal frame
+            for a in task['actions']:
+                frame = sim.step(a)
+            assert np.array_equal(frame, task['goal_frame'])
+    batch = np.stack([task['start_state'], task['goal_state']])
+    assert data.task_success('push', batch, task['goal_state'], task['n_blocks']).tolist() == [False, True]
+
+
+def test_cli_writes_npz_episodes(tmp_path):
+    out = tmp_path / 'eps'
+    subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), f'--out_dir={out}', '--episodes', '2',
+                    '--T', '8', '--res=32'], check=True, capture_output=True)
+    files = sorted(os.listdir(out))
+    assert files == ['ep_000000.npz', 'ep_000001.npz']
+    ep = data.load_episode(str(out / files[1]), 32)
+    ref = data.generate_episode(data._episode_seed(0, 1), 8, 32)
+    for k in ('frames', 'actions', 'states'):
+        assert np.array_equal(ep[k], ref[k])
+    assert int(np.load(out / files[1])['n_blocks']) == ref['n_blocks']
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), '--nope=1'], capture_output=True, text=True)
+    assert r.returncode != 0 and '--nope' in r.stderr and '--out_dir' in r.stderr
+
+
+def test_video_round_trip(tmp_path):
+    import imageio.v3 as iio
+    frames = data.generate_episode(1, 10, 64)['frames']
+    frames[:, :8, :8] = np.arange(10)[:, None, None, None] * 25  # Pillow's GIF writer merges repeated frames
+    iio.imwrite(tmp_path / 'a.mp4', frames, plugin='FFMPEG', fps=10)
+    iio.imwrite(tmp_path / 'b.gif', frames, loop=0)
+    for name, tol in (('a.mp4', 12), ('b.gif', 12)):
+        ep = data.load_episode(str(tmp_path / name), 64)
+        assert ep['frames'].shape == (10, 64, 64, 3) and ep['frames'].dtype == np.uint8 and ep['actions'] is None
+        assert np.abs(ep['frames'].astype(int) - frames).mean() < tol
+    small = data.load_episode(str(tmp_path / 'a.mp4'), 32)['frames']
+    assert small.shape == (10, 32, 32, 3)
+    # grey and RGBA npz frames become RGB; non-square frames are centre-cropped
+    np.savez(tmp_path / 'g.npz', frames=np.zeros((3, 20, 40), np.uint8))
+    assert data.load_episode(str(tmp_path / 'g.npz'), 16)['frames'].shape == (3, 16, 16, 3)
+
+
+def _write_npz(d, name, T, res=16, seed=0):
+    ep = data.generate_episode(seed, T, res)
+    np.savez(os.path.join(d, name), frames=ep['frames'], actions=ep['actions'], states=ep['states'])
+    return ep
+
+
+def test_bad_and_short_files_are_named(tmp_path):
+    _write_npz(tmp_path, 'good.npz', 8)
+    _write_npz(tmp_path, 'short.npz', 3)
+    (tmp_path / 'bad.mp4').write_bytes(b'not a video')
+    with pytest.raises(ValueError, match='bad.mp4'):
+        data.load_episode(str(tmp_path / 'bad.mp4'), 16)
+    with pytest.raises(ValueError, match='bad.mp4'):
+        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
+    (tmp_path / 'bad.mp4').unlink()
+    with pytest.raises(ValueError, match='short.npz'):
+        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6)
+    (tmp_path / 'bad.npz').write_bytes(b'PK\x03\x04 truncated')
+    with pytest.warns(UserWarning) as rec:
+        out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6, skip_bad=True)
+    assert any('bad.npz' in str(w.message) for w in rec) and any('short.npz' in str(w.message) for w in rec)
+    assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
+
+
+def test_resolve_data_errors_and_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--data'):
+        data.resolve_data(str(tmp_path / 'missing'), 16)
+    with pytest.raises(ValueError, match='empty dataset'):
+        data.resolve_data(str(tmp_path), 16)
+    _write_npz(tmp_path, 'a.npz', 8)
+    out = data.resolve_data(str(tmp_path), 16)
+    assert out == str(tmp_path / '.prepared_16') and data.resolve_data(str(tmp_path), 16) == out
+    assert data.resolve_data(out, 16) == out
+    with pytest.raises(ValueError, match='res=16'):
+        data.resolve_data(out, 32)
+
+
+def test_prepare_and_clip_sampler(tmp_path):
+    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=6, T=10, res=16, seed=0, shard_frames=25)
+    meta = json.load(open(os.path.join(d, 'index.json')))
+    assert len(meta['shards']) == 3 and sum(s['frames'] for s in meta['shards']) == 60
+    s = data.ClipSampler(d, clip_len=4, val_frac=0.2)
+    b = s.sample(5)
+    assert b['frames'].shape == (5, 4, 16, 16, 3) and str(b['frames'].dtype) == 'torch.uint8'
+    assert b['actions'].shape == (5, 3, 2) and b['states'].shape == (5, 4, 8) and str(b['actions'].dtype) == 'torch.float32'
+    for k in range(5):
+        i, t = int(b['episode'][k]), int(b['start'][k])
+        ep = s.get_episode(i)
+        assert np.array_equal(b['frames'][k].numpy(), ep['frames'][t:t + 4])
+        assert np.array_equal(b['actions'][k].numpy(), ep['actions'][t:t + 3])
+        assert np.array_equal(b['states'][k].numpy(), ep['states'][t:t + 4])
+        assert i in s.episodes('train')
+    ref = data.generate_episode(data._episode_seed(0, 2), 10, 16)
+    ep = s.get_episode(2)
+    assert all(np.array_equal(ep[k], ref[k]) for k in ('frames', 'actions', 'states'))
+    train, val = set(s.episodes('train')), set(s.episodes('val'))
+    assert len(val) == 1 and not train & val and train | val == set(range(6))
+    assert set(data.ClipSampler(d, 4, split='val', val_frac=0.2).sample(8)['episode'].tolist()) == val
+    # ranks differ, same (seed, rank) repeats, and the RNG state resumes exactly
+    r0, r1 = data.ClipSampler(d, 4, rank=0, world_size=2), data.ClipSampler(d, 4, rank=1, world_size=2)
+    assert not np.array_equal(r0.sample(8)['frames'], r1.sample(8)['frames'])
+    again = data.ClipSampler(d, 4, rank=1, world_size=2)
+    again.sample(8)
+    sd = again.state_dict()
+    nxt = again.sample(8)['frames']
+    assert np.array_equal(r1.sample(8)['frames'], nxt)
+    fresh = data.ClipSampler(d, 4, rank=1, world_size=2)
+    fresh.load_state_dict(sd)
+    assert np.array_equal(fresh.sample(8)['frames'], nxt)
+    with pytest.raises(ValueError, match='11 frames'):
+        data.ClipSampler(d, 11)
+
+
+def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
+    for i in range(4):
+        _write_npz(tmp_path, f'e{i}.npz', 6, seed=i)
+    out = str(tmp_path / 'p')
+    data.prepare(str(tmp_path), out, 16, shard_frames=6)  # a previous, complete dataset
+    real, calls = data.load_episode, []
+
+    def flaky(path, res):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, res)
+    monkeypatch.setattr(data, 'load_episode', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(str(tmp_path), out, 16, shard_frames=6)
+    assert os.listdir(out) == []
+
+
+def test_default_dataset_is_cached(tmp_path):
+    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path))
+    mtime = os.path.getmtime(os.path.join(a, 'index.json'))
+    assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
+    assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
+    assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 16, 16, 3)

@@ -110,7 +110,7 @@ class ActionEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # rectified flow: x_t = (1 - t) x_0 + t * noise, velocity target noise - x_0, t = 0 is clean
 
-def flow_loss(wm, action, x0, z, cond_drop=0.0, generator=None):
+def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     """Flow-matching loss on the future frames of clean clips x0 (B, T, C, H, W) in [-1, 1].
 
     The first n_context frames stay clean (t = 0) and carry no loss; the others share one logit-normal
@@ -133,16 +133,16 @@ def flow_loss(wm, action, x0, z, cond_drop=0.0, generator=None):
 
 
 @torch.no_grad()
-def sample(wm, action, ctx, z=None, n_steps=10, cfg_scale=4.0, generator=None):
+def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator=None):
     """Generate the future of one window with Euler steps from t = 1 (noise) to t = 0.
 
     ctx: (B, n_context, C, H, W) clean frames; z: (B, T-1, n_tok, d) latent actions of the window's T
-    frames, or None for the null action (then T = wm.cfg.n_frames). With cfg_scale != 1 the conditional
-    and null velocities are computed in one batched call and combined v_null + s * (v_cond - v_null).
-    Returns (B, T - n_context, C, H, W).
+    frames, or None for the null action (then give T; default one full window). `action` None means an
+    action-free model (pretraining). With cfg_scale != 1 the conditional and null velocities come from
+    one batched call and are combined as v_null + s * (v_cond - v_null). Returns (B, T - n_context, ...).
     """
     B, nc = ctx.shape[:2]
-    T = wm.cfg.n_frames if z is None else z.shape[1] + 1
+    T = z.shape[1] + 1 if z is not None else (T or wm.cfg.n_frames)
     x = torch.randn((B, T - nc) + ctx.shape[2:], device=ctx.device, generator=generator, dtype=ctx.dtype)
     guided = action is not None and z is not None and cfg_scale != 1.0
     if action is None:
@@ -165,20 +165,22 @@ def sample(wm, action, ctx, z=None, n_steps=10, cfg_scale=4.0, generator=None):
 
 
 @torch.no_grad()
-def rollout(wm, action, ctx, z, n_steps=10, cfg_scale=4.0, generator=None):
+def rollout(wm, action, ctx, z, total=None, n_steps=10, cfg_scale=4.0, generator=None):
     """Autoregressive sliding-window rollout past one clip.
 
-    ctx: (B, n_context, ...) first frames; z: (B, H_total - 1, n_tok, d) latent actions for every
-    transition of the H_total-frame episode (z[:, k] takes frame k to k+1). Each window re-uses the last
-    n_context frames (generated ones included) as its context. Returns all H_total frames, context first.
+    ctx: (B, n_context, ...) first frames; z: (B, total - 1, n_tok, d) latent actions for every
+    transition of a `total`-frame episode (z[:, k] takes frame k to k+1), or None for the null action
+    (then give `total`). Each window re-uses the last n_context frames, generated ones included, as its
+    context. Returns all `total` frames, context first, clamped to [-1, 1].
     """
     nc, Tw = wm.cfg.n_context, wm.cfg.n_frames
     frames = list(ctx.unbind(1))
-    total = z.shape[1] + 1
+    total = z.shape[1] + 1 if z is not None else total
     while len(frames) < total:
         s = len(frames) - nc  # absolute index of the window's first frame
         T = min(Tw, total - s)
-        new = sample(wm, action, torch.stack(frames[s:s + nc], 1), z[:, s:s + T - 1], n_steps, cfg_scale, generator)
+        zw = z[:, s:s + T - 1] if z is not None else None
+        new = sample(wm, action, torch.stack(frames[s:s + nc], 1), zw, T, n_steps, cfg_scale, generator)
         frames += list(new.clamp(-1, 1).unbind(1))
     return torch.stack(frames, 1)
 

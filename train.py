@@ -1,0 +1,331 @@
+"""
+Train CoLA-World: the latent action model (LAM) learns through the world model (WM) that uses it.
+
+  python train.py                                  # CPU default: pretrain -> warm-up -> joint, built-in data
+  python train.py --mode=two_stage                 # the baseline: LAM + decoder, then WM on frozen latents
+  python train.py --warmup_steps=0                 # naive joint training (the paper: it collapses)
+  torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
+
+Phases, in the order the paper runs them (PHASES below says what each one trains):
+  pretrain  the WM learns action-free video prediction; it stands in for a pretrained video generator
+  warmup    WM weights frozen, but its activations stay in the graph: the flow loss trains IDM, quantizer
+            and the new action-conditioning modules through it
+  joint     everything trains together ("co-evolution")
+  lam, wm   two-stage baseline: IDM + quantizer + pixel decoder, then the WM on the frozen LAM's latents
+Settings are plain values below; override them with config/NAME.py and --key=value (configurator.py).
+"""
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import cola
+from configurator import configure, fail
+from data import ClipSampler, resolve_data
+from lam import code_stats, random_crop
+from world_model import flow_loss
+
+# ----------------------------------------------------------------------------------------------------
+# settings
+out_dir = 'out'
+data = ''               # folder of .npz episodes, videos, or prepared shards; '' = built-in simulator
+skip_bad = False        # skip unreadable data files with a warning instead of stopping
+init_from = ''          # start from this checkpoint's world model (then pretraining is skipped)
+resume = False          # continue out_dir/ckpt.pt exactly where it stopped
+log_interval = 10       # steps between log.jsonl records
+ckpt_interval = 250     # steps between checkpoints
+mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain'
+pretrain_steps = 300
+warmup_steps = 150
+joint_steps = 350
+lam_steps = 250         # two-stage, stage 1
+wm_steps = 250          # two-stage, stage 2
+# model: sizes left None take the preset's value (world_model.PRESETS)
+preset = 'cpu'
+res = None
+patch = None
+n_frames = None         # clip length T
+width = None
+depth = None
+n_heads = None
+act_width = None
+act_depth = None
+n_context = 2           # clean context frames of each clip
+n_action_tokens = 2
+action_dim = 32
+quantizer = 'vq'        # 'vq' | 'fsq' | 'none'
+codebook_size = 32
+fsq_levels = (8, 4)
+dead_code_restart = False
+crop_min = 0.8          # random-crop augmentation while the LAM trains
+dec_depth = 2           # blocks of the two-stage decoder (built in two_stage mode only)
+cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
+codebook_weight = 1.0
+commit_weight = 0.25
+# optimisation: one learning rate for every part, as in the paper
+batch_size = 16         # clips per micro-batch per process
+grad_accum = 1
+lr = 1e-3
+min_lr = 1e-4
+lr_warmup = 50          # linear LR warm-up steps at the start of every phase
+lr_schedule = 'cosine'  # 'cosine' (to min_lr at the end of the phase) | 'constant'
+weight_decay = 0.0
+grad_clip = 1.0
+ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
+# end-of-run summary on held-out episodes
+eval_clips = 16
+eval_len = 12
+sample_steps = 10
+cfg_scale = 4.0
+# system
+device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
+seed = 0
+compile = False
+config = configure(globals(), sys.argv[1:])
+# ----------------------------------------------------------------------------------------------------
+
+# what each phase trains; every other module is frozen: requires_grad off and out of the optimizer
+PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
+          'lam': ('lam',), 'wm': ('action', 'wm')}
+SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
+             'cola': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('joint', joint_steps)],
+             'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)]}
+if mode not in SCHEDULES:
+    fail(f"--mode must be one of {', '.join(SCHEDULES)}, got {mode!r}")
+schedule = [(p, n) for p, n in SCHEDULES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
+if mode != 'two_stage':
+    config['dec_depth'] = 0  # the pixel decoder exists only in the baseline
+
+# distributed (torchrun sets RANK) and device
+ddp = 'RANK' in os.environ
+rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+if ddp:
+    if device.startswith('cuda'):
+        device = f'cuda:{local_rank}'
+        torch.cuda.set_device(device)
+    dist.init_process_group('nccl' if device.startswith('cuda') else 'gloo')
+master = rank == 0
+cuda = device.startswith('cuda')
+if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else nullcontext()  # CPU: fp32 (bf16 ~37x slower)
+torch.manual_seed(seed + rank)
+
+# models, and where they start
+try:
+    models = cola.build(config, device)
+    wm_cfg, _ = cola.model_configs(config)
+    ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+    start = cola.load_checkpoint(ckpt_path, device) if resume else None
+    init = cola.load_checkpoint(init_from, device) if init_from and not resume else None
+    for ck, path in ((start, ckpt_path), (init, init_from)):
+        if ck is not None:
+            cola.check_compatible(ck, config, path)
+    data_dir = resolve_data(data or None, wm_cfg.res, clip_len=wm_cfg.n_frames, skip_bad=skip_bad)
+    sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=world)
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+if init is not None:
+    models['wm'].load_state_dict(init.get('ema_wm') or init['wm'])
+ema = {k: v.detach().clone() for k, v in models['wm'].state_dict().items()} if ema_decay > 0 else None
+step = 0
+if start is not None:
+    for name, m in models.items():
+        m.load_state_dict(start[name])
+    step, ema = start['step'], start.get('ema_wm') or ema
+    mine = start['rng'][rank] if len(start['rng']) == world else None  # same world size: exact resume
+    if mine is not None:
+        sampler.load_state_dict(mine['sampler'])
+        torch.set_rng_state(mine['torch'].cpu())
+        if cuda:
+            torch.cuda.set_rng_state(mine['cuda'].cpu())
+    else:  # another world size: fresh, rank-distinct streams
+        torch.manual_seed(seed + rank + 1000 * step)
+
+
+class Losses(nn.Module):
+    """The three modules in one, so that DDP can wrap them; forward returns the loss of a phase."""
+
+    def __init__(self, wm, action, lam):
+        super().__init__()
+        self.wm, self.action, self.lam = wm, action, lam
+
+    def forward(self, x, phase):
+        """x: (B, T, 3, H, W) in [-1, 1] -> dict(loss, its parts, codes)."""
+        if phase == 'pretrain':  # no actions at all: the backbone alone learns video prediction
+            flow = flow_loss(self.wm, None, x)
+            return dict(loss=flow, flow=flow)
+        if 'lam' in PHASES[phase]:
+            x = random_crop(x, crop_min)  # augment only while the LAM learns; WM/decoder see the same crop
+        with torch.no_grad() if phase == 'wm' else nullcontext():
+            out = self.lam(x)
+        vq = codebook_weight * out['codebook_loss'] + commit_weight * out['commit_loss']
+        if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
+            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
+            return dict(loss=recon + vq, recon=recon, vq=vq, codes=out['codes'])
+        flow = flow_loss(self.wm, self.action, x, out['z'], cond_drop)
+        loss = flow if phase == 'wm' else flow + vq  # in warmup/joint the flow loss is the IDM's only signal
+        return dict(loss=loss, flow=flow, vq=vq, codes=out['codes'])
+
+
+def start_phase(phase, old_opt=None):
+    """Freeze what the phase does not train, wrap for DDP, and build its optimizer (carrying over the
+    AdamW state of parameters that kept training)."""
+    for name, m in models.items():
+        m.requires_grad_(name in PHASES[phase])
+        m.train(name in PHASES[phase])
+    params = [p for name in PHASES[phase] for p in models[name].parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=cuda)
+    if old_opt is not None:
+        for p in params:
+            if p in old_opt.state:
+                opt.state[p] = old_opt.state[p]
+    model = Losses(**models)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+    if compile:
+        model = torch.compile(model)
+    return model, opt, params
+
+
+def lr_at(i, n):
+    """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr or constant."""
+    if i < lr_warmup:
+        return lr * (i + 1) / lr_warmup
+    if lr_schedule == 'constant':
+        return lr
+    return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (lr - min_lr)
+
+
+def grad_norm(module):
+    """L2 norm of the gradients on a module's parameters (0 when it is frozen)."""
+    gs = [p.grad for p in module.parameters() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])).item() if gs else 0.0
+
+
+def save(phase, opt):
+    """Every rank's RNG streams go in, so that --resume continues each rank exactly; rank 0 writes."""
+    mine = dict(sampler=sampler.state_dict(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state() if cuda else None)
+    rngs = [None] * world
+    dist.all_gather_object(rngs, mine) if ddp else rngs.__setitem__(0, mine)
+    if master:
+        cola.save_checkpoint(dict(wm=models['wm'].state_dict(), action=models['action'].state_dict(),
+                                  lam=models['lam'].state_dict(), ema_wm=ema, config=config, step=step,
+                                  phase=phase, optimizer=opt.state_dict(), rng=rngs), ckpt_path)
+
+
+stop_signal = []  # SIGTERM/SIGINT: finish the step, save, exit
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resume else 'w')
+    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    print(f"{mode} on {device} x{world}: {' -> '.join(f'{p} {n}' for p, n in schedule)} steps; "
+          f"params {n_params}; data {data_dir}")
+
+# ----------------------------------------------------------------------------------------------------
+# the training loop: one phase after another
+end, opt = 0, None
+for phase, n_steps in schedule:
+    begin, end = end, end + n_steps
+    if step >= end:  # finished before a resume
+        continue
+    model, opt, params = start_phase(phase, opt)
+    if start is not None and start['phase'] == phase and step > begin:
+        opt.load_state_dict(start['optimizer'])  # resumed inside this phase
+    t_phase, t_log, codes_window = time.time(), time.time(), []
+    bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
+    while step < end:
+        for g in opt.param_groups:
+            g['lr'] = lr_at(step - begin, n_steps)
+        for micro in range(grad_accum):
+            x = cola.to_model(sampler.sample(batch_size)['frames'], device)  # (B, T, 3, H, W)
+            if ddp:
+                model.require_backward_grad_sync = micro == grad_accum - 1
+            with autocast:
+                out = model(x, phase)
+            (out['loss'] / grad_accum).backward()
+            if out.get('codes') is not None:
+                codes_window.append(out['codes'].detach())
+        logging = (step + 1) % log_interval == 0 or step + 1 == end
+        norms = {f'grad_{k}': grad_norm(m) for k, m in models.items()} if logging else {}
+        total_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
+        loss = out['loss'].item()
+        if not (math.isfinite(loss) and math.isfinite(total_norm)):
+            print(f"error: non-finite loss {loss} (grad norm {total_norm}) at step {step + 1} in phase {phase}; "
+                  f"stopping, the last good checkpoint {ckpt_path} is left as it was", file=sys.stderr)
+            sys.exit(1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if ema is not None and 'wm' in PHASES[phase]:
+            with torch.no_grad():
+                for k, v in models['wm'].state_dict().items():
+                    ema[k].lerp_(v, 1 - ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+        step += 1
+        bar.update(1)
+        if logging and master:
+            rec = dict(step=step, phase=phase, loss=loss, lr=opt.param_groups[0]['lr'],
+                       ms_per_step=1000 * (time.time() - t_log) / ((step - begin) % log_interval or log_interval),
+                       **{k: out[k].item() for k in ('flow', 'recon', 'vq') if k in out}, **norms,
+                       grad_total=total_norm, phase_wall_s=time.time() - t_phase)
+            if codes_window and models['lam'].quantizer.size:
+                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), models['lam'].quantizer.size))
+            log.write(json.dumps(rec) + '\n')
+            log.flush()
+            bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))
+        if logging:
+            t_log, codes_window = time.time(), []
+        stopping = bool(stop_signal)
+        if ddp:  # every rank must agree to stop at the same step, or the checkpoint gather would hang
+            flag = torch.tensor(float(stopping), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stopping = bool(flag.item())
+        if step % ckpt_interval == 0 or step == end or stopping:
+            save(phase, opt)
+        if stopping:
+            if master:
+                print(f"\nstopped by signal at step {step}; checkpoint saved to {ckpt_path}; --resume continues")
+            sys.exit(0)
+    bar.close()
+    if master:
+        print(f"{phase}: {n_steps} steps in {time.time() - t_phase:.0f} s, final loss {loss:.4f}")
+
+# ----------------------------------------------------------------------------------------------------
+# summary on held-out episodes: does the latent-action-driven rollout beat copying the last frame?
+if master and eval_clips > 0:
+    for m in models.values():
+        m.eval()
+    try:
+        clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips)['frames']
+    except ValueError as e:
+        print(f"no summary: {e}")
+        clips = None
+    if clips is not None:
+        r = cola.rollout_psnr(models, cola.to_model(clips, device), null=(mode == 'pretrain'),
+                              n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed)
+        stats, health = cola.codebook_health(r['codes'], models['lam'].quantizer.size)
+        mean = lambda xs: sum(xs) / len(xs)
+        summary = dict(step=step, mode=mode, psnr=mean(r['psnr']), psnr_copy_last=mean(r['psnr_copy']),
+                       psnr_per_step=r['psnr'], **stats)
+        with open(os.path.join(out_dir, 'summary.json'), 'w') as f:
+            json.dump(summary, f, indent=1)
+        print(f"summary over {eval_clips} held-out clips, {eval_len - n_context} predicted frames each:\n"
+              f"  rollout PSNR {summary['psnr']:.2f} dB vs copy-last-frame {summary['psnr_copy_last']:.2f} dB"
+              f"{' (null action: pretraining has no latent actions)' if mode == 'pretrain' else ''}\n"
+              f"  {health if mode != 'pretrain' else ''}")
+if ddp:
+    dist.destroy_process_group()
