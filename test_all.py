@@ -402,3 +402,138 @@ def test_default_dataset_is_cached(tmp_path):
     assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
     assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 16, 16, 3)
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py, run as users run it: tiny shapes, a few steps
+
+TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
+              '--n_frames=4', '--action_dim=8', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
+              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    return data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=6, T=12, res=16)
+
+
+def train(out, *flags, data_dir=None, check=True, torchrun=0):
+    """Run train.py with tiny settings; returns the CompletedProcess."""
+    launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
+    cmd = launcher + [os.path.join(HERE, 'train.py'), f'--out_dir={out}'] + TINY_TRAIN + list(flags)
+    cmd += [f'--data={data_dir}'] if data_dir else []
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def pretrained(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('pre'))
+    train(out, '--mode=pretrain', '--pretrain_steps=3', data_dir=tiny_data)
+    return out
+
+
+def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path):
+    import cola
+    out = str(tmp_path)
+    train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=0', data_dir=tiny_data)
+    pre, warm = ckpt(pretrained), ckpt(out)
+    assert warm['phase'] == 'warmup' and warm['step'] == 3
+    assert same(warm['wm'], pre['wm']), "warm-up changed the world model"
+    torch.manual_seed(0)
+    fresh = {k: m.state_dict() for k, m in cola.build(warm['config']).items()}
+    assert same(fresh['lam'], pre['lam']) and same(fresh['action'], pre['action'])  # the start we compare to
+    assert not same(warm['lam'], fresh['lam']) and not same(warm['action'], fresh['action'])
+    for rec in log_of(out):
+        assert rec['phase'] == 'warmup' and rec['grad_wm'] == 0
+        assert rec['grad_lam'] > 0 and rec['grad_action'] > 0 and 0 < rec['code_util'] <= 1
+    train(out, '--resume', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=2',
+          data_dir=tiny_data)
+    joint = ckpt(out)
+    assert joint['phase'] == 'joint' and joint['step'] == 5
+    for k in ('wm', 'action', 'lam'):
+        assert not same(joint[k], warm[k]), f"joint training left {k} unchanged"
+    assert all(r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'joint')
+
+
+def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
+    out = str(tmp_path)
+    train(out, '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2', '--wm_steps=0',
+          data_dir=tiny_data)
+    stage1 = ckpt(out)
+    assert same(stage1['wm'], ckpt(pretrained)['wm']) and any(k.startswith('decoder.') for k in stage1['lam'])
+    assert all('recon' in r and r['phase'] == 'lam' for r in log_of(out))
+    train(out, '--resume', '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2',
+          '--wm_steps=2', data_dir=tiny_data)
+    stage2 = ckpt(out)
+    assert stage2['phase'] == 'wm' and same(stage2['lam'], stage1['lam'])
+    assert not same(stage2['wm'], stage1['wm']) and not same(stage2['action'], stage1['action'])
+    assert all(r['grad_lam'] == 0 for r in log_of(out) if r['phase'] == 'wm')
+
+
+def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
+    """An uninterrupted run and one stopped by SIGTERM then resumed log identical losses (CPU, same seed)."""
+    import signal
+    import time
+    flags = ['--pretrain_steps=150', '--warmup_steps=100', '--joint_steps=100', '--eval_clips=0']
+    ref = str(tmp_path / 'ref')
+    train(ref, *flags, data_dir=tiny_data)
+    out = str(tmp_path / 'cut')
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out}', f'--data={tiny_data}'] + TINY_TRAIN + flags
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    log = os.path.join(out, 'log.jsonl')
+    while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 120):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate()
+    assert p.returncode == 0 and 'stopped by signal' in stdout
+    cut = ckpt(out)
+    assert 120 <= cut['step'] < 350, "the signal did not land inside training"
+    train(out, '--resume', *flags, data_dir=tiny_data)
+    a, b = log_of(ref), log_of(out)
+    assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in b]
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+    out = str(tmp_path)
+    r = train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=2', data_dir=tiny_data, torchrun=2)
+    ranks = ckpt(out)['ranks']
+    assert len(ranks) == 2 and ranks[0]['fingerprint'] == ranks[1]['fingerprint'], "ranks' weights differ"
+    assert ranks[0]['sampler'] != ranks[1]['sampler']  # each rank draws its own clips
+    assert 'differ' not in r.stdout and 'x2' in r.stdout
+
+
+def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
+    cases = [(['--bogus=1'], 'unknown flag --bogus'),
+             (['--data=/no/such/dir'], 'no such folder'),
+             ([f'--data={tmp_path}'], 'empty dataset'),
+             ([f'--data={tiny_data}', '--n_frames=13'], 'has 13 frames'),
+             ([f'--data={tiny_data}', '--width=64', f'--init_from={pretrained}/ckpt.pt'], 'incompatible config')]
+    for flags, msg in cases:
+        r = train(str(tmp_path / 'o'), *flags, check=False)
+        assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])
+        assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):
+    out = str(tmp_path)
+    r = train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=20', '--joint_steps=0', '--lr=1e30',
+              '--grad_clip=1e30', '--lr_warmup=0', '--ckpt_interval=1', data_dir=tiny_data, check=False)
+    assert r.returncode == 1 and 'non-finite loss' in r.stderr
+    last = ckpt(out)
+    assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())

@@ -144,7 +144,7 @@ if start is not None:
     for name, m in models.items():
         m.load_state_dict(start[name])
     step, ema = start['step'], start.get('ema_wm') or ema
-    mine = start['rng'][rank] if len(start['rng']) == world else None  # same world size: exact resume
+    mine = start['ranks'][rank] if len(start['ranks']) == world else None  # same world size: exact resume
     if mine is not None:
         sampler.load_state_dict(mine['sampler'])
         torch.set_rng_state(mine['torch'].cpu())
@@ -180,8 +180,8 @@ class Losses(nn.Module):
 
 
 def start_phase(phase, old_opt=None):
-    """Freeze what the phase does not train, wrap for DDP, and build its optimizer (carrying over the
-    AdamW state of parameters that kept training)."""
+    """Freeze what the phase does not train and build its optimizer over the rest, carrying over the
+    AdamW state of parameters that keep training (so warm-up -> joint does not reset the LAM's)."""
     for name, m in models.items():
         m.requires_grad_(name in PHASES[phase])
         m.train(name in PHASES[phase])
@@ -191,12 +191,15 @@ def start_phase(phase, old_opt=None):
         for p in params:
             if p in old_opt.state:
                 opt.state[p] = old_opt.state[p]
+    return opt, params
+
+
+def wrap():
+    """The module the loop calls: DDP over the modules that require grad now, optionally compiled."""
     model = Losses(**models)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if cuda else None)
-    if compile:
-        model = torch.compile(model)
-    return model, opt, params
+    return torch.compile(model) if compile else model
 
 
 def lr_at(i, n):
@@ -215,15 +218,20 @@ def grad_norm(module):
 
 
 def save(phase, opt):
-    """Every rank's RNG streams go in, so that --resume continues each rank exactly; rank 0 writes."""
+    """Every rank's RNG streams go in, so that --resume continues each rank exactly, and a fingerprint
+    of every rank's weights, to show that DDP kept them identical; rank 0 writes."""
+    fingerprint = sum(p.detach().double().square().sum().item() + p.detach().double().sum().item()
+                      for m in models.values() for p in m.parameters())
     mine = dict(sampler=sampler.state_dict(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state() if cuda else None)
-    rngs = [None] * world
-    dist.all_gather_object(rngs, mine) if ddp else rngs.__setitem__(0, mine)
+                cuda=torch.cuda.get_rng_state() if cuda else None, fingerprint=fingerprint)
+    ranks = [None] * world
+    dist.all_gather_object(ranks, mine) if ddp else ranks.__setitem__(0, mine)
     if master:
+        if len({r['fingerprint'] for r in ranks}) > 1:
+            print(f"warning: the ranks' weights differ at step {step}: {[r['fingerprint'] for r in ranks]}")
         cola.save_checkpoint(dict(wm=models['wm'].state_dict(), action=models['action'].state_dict(),
                                   lam=models['lam'].state_dict(), ema_wm=ema, config=config, step=step,
-                                  phase=phase, optimizer=opt.state_dict(), rng=rngs), ckpt_path)
+                                  phase=phase, optimizer=opt.state_dict(), ranks=ranks), ckpt_path)
 
 
 stop_signal = []  # SIGTERM/SIGINT: finish the step, save, exit
@@ -240,13 +248,15 @@ if master:
 # ----------------------------------------------------------------------------------------------------
 # the training loop: one phase after another
 end, opt = 0, None
+if start is not None:  # the optimizer as it was saved, handed on like the end of a phase
+    opt, _ = start_phase(start['phase'])
+    opt.load_state_dict(start['optimizer'])
 for phase, n_steps in schedule:
     begin, end = end, end + n_steps
     if step >= end:  # finished before a resume
         continue
-    model, opt, params = start_phase(phase, opt)
-    if start is not None and start['phase'] == phase and step > begin:
-        opt.load_state_dict(start['optimizer'])  # resumed inside this phase
+    opt, params = start_phase(phase, opt)
+    model = wrap()
     t_phase, t_log, codes_window = time.time(), time.time(), []
     bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
     while step < end:
@@ -325,7 +335,6 @@ if master and eval_clips > 0:
             json.dump(summary, f, indent=1)
         print(f"summary over {eval_clips} held-out clips, {eval_len - n_context} predicted frames each:\n"
               f"  rollout PSNR {summary['psnr']:.2f} dB vs copy-last-frame {summary['psnr_copy_last']:.2f} dB"
-              f"{' (null action: pretraining has no latent actions)' if mode == 'pretrain' else ''}\n"
-              f"  {health if mode != 'pretrain' else ''}")
+              + (" (null action: pretraining has no latent actions)" if mode == 'pretrain' else f"\n  {health}"))
 if ddp:
     dist.destroy_process_group()

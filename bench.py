@@ -1,0 +1,114 @@
+"""
+Training throughput of the CoLA joint step (IDM -> quantizer -> action encoder -> video DiT, flow loss,
+backward, AdamW) at the CPU default and the GPU "base" preset.
+
+  python bench.py                      # both presets on the default device
+  python bench.py --presets=cpu --steps=20
+
+Prints ms/step and tokens/s (tokens = clips x frames x patches per frame). On CUDA it also prints model
+FLOPs utilisation against `peak_tflops` (bf16 dense). On CPU it also times a bare transformer with the
+same parameter count on the same tokens, so the cost of everything around the matrix products (the
+factorised attention, adaLN, quantizer, crop, patchify) shows as a ratio.
+"""
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import cola
+from configurator import configure
+from lam import random_crop
+from model import Block
+from world_model import flow_loss
+
+presets = ('cpu', 'base')
+batch_size = 16           # clips per step at the cpu preset
+base_batch_size = 0       # clips per step at the base preset; 0 = 1 on CPU, 16 on CUDA
+steps = 10                # timed steps (after 2 warm-up steps)
+device = ''
+peak_tflops = 989.0       # H100/H200 SXM bf16 dense
+seed = 0
+configure(globals(), sys.argv[1:])
+device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+cuda = device.startswith('cuda')
+if cuda:
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+autocast = torch.autocast('cuda', dtype=torch.bfloat16) if cuda else torch.autocast('cpu', enabled=False)
+
+
+def timed(step_fn, n):
+    """Mean seconds per call of step_fn over n calls, after 2 untimed warm-up calls."""
+    for _ in range(2):
+        step_fn()
+    if cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step_fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / n
+
+
+def cola_step(models, opt, x):
+    """One joint-phase step, as train.py's `joint` phase runs it."""
+    def step():
+        with autocast:
+            xc = random_crop(x, 0.8)
+            out = models['lam'](xc)
+            loss = flow_loss(models['wm'], models['action'], xc, out['z'], 0.1)
+            loss = loss + out['codebook_loss'] + 0.25 * out['commit_loss']
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bare_step(blocks, opt, h):
+    """Forward/backward/AdamW of a plain transformer stack on (B*T, N, D) tokens: the matmul floor."""
+    def step():
+        y = h
+        for blk in blocks:
+            y = blk(y)
+        F.mse_loss(y, h).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+torch.manual_seed(seed)
+print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'}), "
+      f"torch {torch.__version__}")
+for name in presets:
+    s = dict(preset=name, n_context=2, n_action_tokens=2, action_dim=32, quantizer='vq', codebook_size=32,
+             fsq_levels=(8, 4), dead_code_restart=False, crop_min=0.8, dec_depth=0)
+    wm_cfg, _ = cola.model_configs(s)
+    models = cola.build(s, device)
+    params = [p for m in models.values() for p in m.parameters()]
+    n_params = sum(p.numel() for p in params)
+    B = batch_size if name == 'cpu' else (base_batch_size or (16 if cuda else 1))
+    T, N, D = wm_cfg.n_frames, (wm_cfg.res // wm_cfg.patch) ** 2, wm_cfg.width
+    x = torch.rand(B, T, 3, wm_cfg.res, wm_cfg.res, device=device) * 2 - 1
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+    sec = timed(cola_step(models, opt, x), steps if name == 'cpu' or cuda else max(1, steps // 5))
+    tokens = B * T * N
+    line = f"{name:5s} {n_params / 1e6:7.1f}M params, {B} x {T} frames x {N} tokens: {1000 * sec:9.1f} ms/step, " \
+           f"{tokens / sec:10.0f} tokens/s"
+    if cuda:
+        # matmul FLOPs: 6 per parameter per token for the IDM and the DiT (the action encoder sees T tokens
+        # per clip, negligible), plus attention scores/values: 12 * L * D per token per attention layer
+        depth = wm_cfg.depth
+        flops = 6 * (n_params - sum(p.numel() for p in models['action'].parameters())) * tokens \
+            + 2 * depth * 12 * (N + T) * D * tokens
+        line += f", MFU {flops / sec / (peak_tflops * 1e12):.1%}"
+    else:
+        # a bare transformer of the same parameter count: Blocks of width D have ~12 D^2 parameters
+        blocks = torch.nn.ModuleList(Block(D, wm_cfg.n_heads) for _ in range(max(1, round(n_params / (12 * D * D)))))
+        h = torch.randn(B * T, N, D)
+        bopt = torch.optim.AdamW(blocks.parameters(), lr=1e-4)
+        bare = timed(bare_step(blocks, bopt, h), steps if name == 'cpu' else max(1, steps // 5))
+        n_bare = sum(p.numel() for p in blocks.parameters())
+        line += f"; bare transformer {n_bare / 1e6:.1f}M params: {1000 * bare:.1f} ms/step, overhead x{sec / bare:.2f}"
+    print(line, flush=True)
+    del models, opt

@@ -1,0 +1,18 @@
+# Multi-GPU "base" preset for real video datasets: width 768, 12 layers (the paper's IDM size), 128 px,
+# 16-frame clips. 8 GPUs x batch 16 = 128 clips per step, the paper's batch; one learning rate of
+# 7.5e-5 for all parts with a 2K-step linear warm-up, as in the paper.
+# torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
+preset = 'base'
+batch_size = 16
+pretrain_steps = 30000
+warmup_steps = 8000
+joint_steps = 52000
+lam_steps = 30000
+wm_steps = 30000
+lr = 7.5e-5
+min_lr = 7.5e-6
+lr_warmup = 2000
+ema_decay = 0.9999
+log_interval = 50
+ckpt_interval = 2000
+eval_len = 30
