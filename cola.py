@@ -1,11 +1,14 @@
 """
 The CoLA-World system as the programs see it: build the three modules (`wm`, `action`, `lam`) from a
-flat settings dict, save and load checkpoints (CONTRACT.md), and the rollout measurement the programs
-share. Used by train.py (its end-of-run summary), sample.py, eval.py, plan.py and bench.py.
+flat settings dict, save and load checkpoints (CONTRACT.md), and the measurements the programs share
+(metrics, batched rollouts, the linear probe, the real-action adapter). Used by train.py (its
+end-of-run summary), sample.py, eval.py, plan.py and bench.py.
 """
 import os
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from lam import LAM, LAMConfig, code_stats
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
@@ -78,11 +81,17 @@ def load_models(path, device='cpu', use_ema=True):
 
 
 # ----------------------------------------------------------------------------------------------------
-# measurements
+# measurements: metrics, batched rollouts, the linear probe and the real-action adapter. Used by train.py
+# (summary), sample.py and eval.py; everything here takes and returns batched tensors.
 
 def to_model(frames, device='cpu'):
     """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1] on device."""
     return frames.to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1)
+
+
+def to_uint8(x):
+    """float (B, T, 3, H, W) in [-1, 1] -> uint8 numpy (B, T, H, W, 3), for GIFs."""
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
 
 
 def psnr(a, b):
@@ -92,26 +101,70 @@ def psnr(a, b):
     return (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).clamp(max=100.0)
 
 
-@torch.inference_mode()
-def rollout_psnr(models, clips, null=False, n_steps=10, cfg_scale=4.0, seed=0):
-    """Roll the world model out from the first n_context frames of each clip, driven by the IDM's latent
-    actions inferred from the ground truth (or by the null action when `null`), and score the frames.
+def ssim(a, b, data_range=2.0, win=11, sigma=1.5):
+    """Per-frame SSIM (Wang et al. 2004) of clips in [-1, 1], (B, T, C, H, W) -> (B, T).
 
-    clips: (B, L, 3, H, W) in [-1, 1], L may exceed one window (sliding-window rollout). Returns per-step
-    PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames, and the codes.
+    Local statistics under an 11x11 Gaussian window (sigma 1.5, population variances), K1 = 0.01,
+    K2 = 0.03, the SSIM map averaged over the valid region (no padding) and the channels: the same as
+    skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False, channel_axis=...).
     """
-    wm, action, lam = models['wm'], models['action'], models['lam']
-    nc, win, L = wm.cfg.n_context, wm.cfg.n_frames, clips.shape[1]
-    z, codes = None, None
-    if not null:  # the IDM sees windows of its own length: infer window by window, then concatenate
-        outs = [lam(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)]
-        z = torch.cat([o['z'] for o in outs], 1)  # (B, L-1, n_tok, d)
-        codes = None if outs[0]['codes'] is None else torch.cat([o['codes'] for o in outs], 1)
-    gen = rollout(wm, action, clips[:, :nc], z, total=L, n_steps=n_steps, cfg_scale=cfg_scale,
-                  generator=torch.Generator(clips.device).manual_seed(seed))
-    copy = clips[:, nc - 1:nc].expand_as(clips[:, nc:])
+    B, T, C, H, W = a.shape
+    g = torch.exp(-(torch.arange(win, dtype=torch.float64) - win // 2).square() / (2 * sigma ** 2))
+    g = (g / g.sum()).to(a)
+    kernel = (g[:, None] * g[None]).expand(5 * C, 1, win, win)
+    x, y = a.reshape(B * T, C, H, W), b.reshape(B * T, C, H, W)
+    # the five local moments in one grouped convolution: E[x], E[y], E[x^2], E[y^2], E[xy]
+    mx, my, mxx, myy, mxy = F.conv2d(torch.cat([x, y, x * x, y * y, x * y], 1), kernel, groups=5 * C).chunk(5, 1)
+    vx, vy, cov = mxx - mx * mx, myy - my * my, mxy - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return s.flatten(1).mean(1).view(B, T)
+
+
+def scores(gen, clips, n_context):
+    """Per-horizon-step PSNR and SSIM of generated clips against the truth, batch-averaged: two lists of
+    length L - n_context (the context frames are given, not scored)."""
+    g, c = gen[:, n_context:], clips[:, n_context:]
+    return psnr(g, c).mean(0).tolist(), ssim(g, c).mean(0).tolist()
+
+
+def copy_last(clips, n_context):
+    """The copy-last-frame baseline: the last context frame repeated over the horizon, (B, L, ...)."""
+    return torch.cat([clips[:, :n_context], clips[:, n_context - 1:n_context].expand_as(clips[:, n_context:])], 1)
+
+
+@torch.inference_mode()
+def latent_actions(lam, clips):
+    """The IDM's latent actions for every transition of clips (B, L, 3, H, W), L of any length: the IDM
+    sees windows of the length it was trained on (consecutive windows share a frame), then the quantizer.
+    Returns dict(z_e (B, L-1, n_tok, d) before quantization, z the quantized latent actions, codes
+    (B, L-1, n_tok) or None for continuous actions)."""
+    win, L = lam.cfg.max_frames, clips.shape[1]
+    z_e = torch.cat([lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
+    z, codes, _, _ = lam.quantizer(z_e)
+    return dict(z_e=z_e, z=z, codes=codes)
+
+
+@torch.inference_mode()
+def simulate(models, clips, z, n_steps=10, cfg_scale=4.0, seed=0):
+    """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
+    actions z (B, L-1, n_tok, d), or by the null action when z is None. Returns all L frames, context
+    first; the noise comes from a generator seeded with `seed`, so a rollout is reproducible."""
+    nc = models['wm'].cfg.n_context
+    return rollout(models['wm'], models['action'], clips[:, :nc], z, total=clips.shape[1], n_steps=n_steps,
+                   cfg_scale=cfg_scale, generator=torch.Generator(clips.device).manual_seed(seed))
+
+
+def rollout_psnr(models, clips, null=False, n_steps=10, cfg_scale=4.0, seed=0):
+    """train.py's summary: roll out with the IDM's latent actions inferred from the ground truth (or the
+    null action when `null`). Returns per-step PSNR lists (length L - n_context) for the model and for
+    copy-last-frame, the frames, and the codes."""
+    nc = models['wm'].cfg.n_context
+    acts = None if null else latent_actions(models['lam'], clips)
+    gen = simulate(models, clips, None if null else acts['z'], n_steps, cfg_scale, seed)
     return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
-                psnr_copy=psnr(copy, clips[:, nc:]).mean(0).tolist(), frames=gen, codes=codes)
+                psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),
+                frames=gen, codes=None if null else acts['codes'])
 
 
 def codebook_health(codes, size):
@@ -121,3 +174,57 @@ def codebook_health(codes, size):
     st = code_stats(codes, size)
     return st, (f"codebook: {st['code_util']:.0%} of {size} entries used, max entry {st['code_max']:.0%}, "
                 f"entropy {st['code_entropy']:.2f}, perplexity {st['code_perplexity']:.1f}")
+
+
+def ridge_probe(x_train, y_train, x_test, y_test, ridge=1e-3):
+    """The paper's linear probe of latent-action quality, in closed form: fit y = x W + b by ridge
+    regression on the training pairs, score on the held-out ones. x: (N, ...) features, y: (N, A).
+
+    The penalty is `ridge` times the mean eigenvalue of the centred Gram matrix, so it does not depend on
+    the scale of the latents, plus a tiny floor: constant latents (a collapsed codebook) then predict the
+    training mean instead of amplified round-off. Returns dict(l1: mean absolute error (the paper's metric), r2: 1 - SS_res /
+    SS_tot averaged over action dimensions, l1_mean: the L1 of always predicting the training mean)."""
+    x, y = x_train.flatten(1).double(), y_train.double()
+    xt, yt = x_test.flatten(1).double(), y_test.double()
+    mx, my = x.mean(0), y.mean(0)
+    xc = x - mx
+    gram = xc.T @ xc
+    penalty = ridge * gram.diagonal().mean() + 1e-8 * len(x)
+    W = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), xc.T @ (y - my))
+    pred = (xt - mx) @ W + my
+    r2 = 1 - (pred - yt).square().sum(0) / (yt - yt.mean(0)).square().sum(0).clamp(min=1e-12)
+    return dict(l1=(pred - yt).abs().mean().item(), r2=r2.mean().item(), l1_mean=(yt - my).abs().mean().item())
+
+
+class Adapter(nn.Module):
+    """Real action (..., A) -> continuous latent action (..., n_tok, d): the paper's 2-layer MLP adapter.
+    Its output goes through the LAM's own quantizer, so the world model gets a valid latent action."""
+
+    def __init__(self, action_dim, n_tok, dim, hidden=256):
+        super().__init__()
+        self.n_tok, self.dim = n_tok, dim
+        self.net = nn.Sequential(nn.Linear(action_dim, hidden), nn.SiLU(), nn.Linear(hidden, n_tok * dim))
+
+    def forward(self, a):
+        return self.net(a).unflatten(-1, (self.n_tok, self.dim))
+
+
+def train_adapter(actions, z_e, steps=500, lr=3e-3, seed=0):
+    """Fit an Adapter on labelled transitions, full batch: actions (N, A) -> the IDM's output z_e (N, n_tok, d).
+
+    The target is z_e, before quantization: quantizing it gives back exactly the IDM's latent action, for
+    every quantizer (VQ's nearest entry, FSQ's rounding), so the adapter learns the IDM's own input space.
+    Returns (adapter in eval mode, the loss at every step)."""
+    torch.manual_seed(seed)
+    actions, z_e = actions.float().clone(), z_e.float().clone()  # ordinary tensors: may come from inference_mode
+    adapter = Adapter(actions.shape[1], *z_e.shape[1:]).to(actions.device)
+    opt = torch.optim.Adam(adapter.parameters(), lr=lr)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.mse_loss(adapter(actions), z_e)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return adapter.eval(), losses

@@ -61,16 +61,30 @@ def test_causal_temporal_attention(cond):
 
 
 def test_dit_zero_init_is_identity():
+    """adaLN-Zero: every fresh block is the identity, and a fresh DiT predicts "nothing moves" (the clean
+    frame equals the latest context frame), i.e. velocity (x_t - ref) / t."""
     wm, _ = tiny_wm()
-    x, t = torch.randn(2, 5, 3, 16, 16), torch.rand(2, 5)
+    x, t = torch.randn(2, 5, 3, 16, 16), torch.rand(2, 5) * 0.9 + 0.1
     h = torch.randn(2, 5, 16, 32)
     c = wm.t_embed(t)
     for blk in wm.blocks:
         assert torch.equal(blk(h, c), h)
-    assert torch.equal(wm(x, t), torch.zeros_like(x))
+    ref = x[:, [0, 1, 1, 1, 1]]
+    assert torch.allclose(wm(x, t), (x - ref) / t[:, :, None, None, None], atol=1e-6)
     # and attaching a fresh action encoder changes nothing: its output layer is zero
     _, act = tiny_wm()
     assert torch.equal(act(torch.randn(2, 4, 2, 32)), torch.zeros(2, 5, 9 * 32))
+
+
+def test_dit_is_causal_in_time():
+    torch.manual_seed(0)
+    wm, _ = tiny_wm()
+    randomize_zero_inits(wm)
+    x, t = torch.randn(2, 5, 3, 16, 16), torch.rand(2, 5)
+    x2 = x.clone()
+    x2[:, 3] += 1.0
+    y, y2 = wm(x, t), wm(x2, t)
+    assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-5) and not torch.allclose(y[:, 3], y2[:, 3])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,8 +38,12 @@ class WMConfig:
 class VideoDiT(nn.Module):
     """Noisy clip (B, T, C, H, W) + per-frame flow time (B, T) -> velocity (B, T, C, H, W).
 
-    ST blocks with causal temporal attention and adaLN-Zero; the final layer is zero-initialised too,
-    so a fresh model outputs zeros and every block is the identity on its residual stream.
+    ST blocks with causal temporal attention and adaLN-Zero. The network predicts the clean frame and
+    returns the velocity it implies, v = (x_t - x0_hat) / t ("x-prediction, v-loss", Li & He 2025,
+    "Back to Basics: Let Denoising Generative Models Denoise"): with pixel patches wider than the model
+    (8x8x3 = 192 > 128 at the CPU preset) predicting noise or velocity directly fails, the clean image
+    does not. x0_hat is a residual on the latest clean context frame, and the final layer starts at zero,
+    so a fresh model predicts "nothing moves" and every block is the identity on its residual stream.
     """
 
     def __init__(self, cfg):
@@ -47,6 +51,7 @@ class VideoDiT(nn.Module):
         self.cfg = cfg
         D = cfg.width
         self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
+        self.ref_embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
         self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
         self.pos_time = nn.Parameter(torch.randn(cfg.n_frames, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
@@ -64,12 +69,18 @@ class VideoDiT(nn.Module):
         if T > self.cfg.n_frames or (H, W) != (self.cfg.res, self.cfg.res):
             raise ValueError(f"world model takes up to {self.cfg.n_frames} frames of {self.cfg.res}x{self.cfg.res}, "
                              f"got shape {tuple(x.shape)}")
-        h = self.embed(patchify(x, self.cfg.patch)) + self.pos_space + self.pos_time[:T, None]  # (B, T, N, D)
+        # frame k's reference is the latest clean context frame it may see, min(k, n_context - 1); its
+        # tokens also take it as input, so copying what stands still is local, not learned through time
+        ref = x[:, torch.arange(T, device=x.device).clamp(max=self.cfg.n_context - 1)]
+        h = self.embed(patchify(x, self.cfg.patch)) + self.ref_embed(patchify(ref, self.cfg.patch))
+        h = h + self.pos_space + self.pos_time[:T, None]  # (B, T, N, D)
         c = self.t_embed(t)  # (B, T, D)
         for blk in self.blocks:
             h = blk(h, c, mod_add)
         shift, scale = self.adaLN_out(c)[:, :, None].chunk(2, dim=-1)
-        return unpatchify(self.head(modulate(self.norm_out(h), shift, scale)), self.cfg.patch, H, W)
+        x0_hat = ref + unpatchify(self.head(modulate(self.norm_out(h), shift, scale)), self.cfg.patch, H, W)
+        # t is clamped as in Li & He: below 0.05 the division would amplify the error of x0_hat
+        return (x - x0_hat) / t.clamp(min=0.05)[:, :, None, None, None].to(x.dtype)
 
 
 class ActionEncoder(nn.Module):

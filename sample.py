@@ -1,0 +1,136 @@
+"""
+See what a CoLA-World checkpoint does: GIFs of its rollouts on held-out clips, latent-action transfer from
+one clip to another, and a tour of its codebook.
+
+  python sample.py --ckpt=out/ckpt.pt                              # writes samples/*.gif
+  python sample.py --ckpt=out/ckpt.pt --horizon=46 --n_clips=8 --out_dir=samples-long
+
+out_dir/rollout_K.gif  ground truth | generated | absolute difference, for held-out clip K: the world model
+                       rolls out from the clip's first n_context frames, driven by the latent actions the
+                       IDM infers from the ground truth (sliding windows past one training clip)
+out_dir/transfer.gif   one row per clip K: clip K | clip K+1 | clip K+1's first frames driven by clip K's
+                       latent actions (the classic latent-action demo: the motion moves, the scene stays)
+out_dir/codebook.gif   one cell per codebook entry (FSQ: level combination), that code in every token slot,
+                       played for tour_steps frames from the same start
+A bar under every GIF frame marks time: green over the given context frames, red over generated ones.
+Prints PSNR/SSIM per horizon step; the last line of stdout is one JSON object.
+"""
+import json
+import math
+import os
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import torch
+
+import cola
+from configurator import configure, fail
+from data import ClipSampler, resolve_data
+from lam import FSQ, VQ
+from world_model import rollout
+
+# ----------------------------------------------------------------------------------------------------
+# settings
+ckpt = 'out/ckpt.pt'
+data = ''               # folder of episodes to sample from; '' = the data the checkpoint was trained on
+out_dir = 'samples'
+n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)
+horizon = 22            # generated frames per clip, after the n_context given ones
+tour_steps = 8          # frames each code is played for in the codebook tour
+sample_steps = 10       # Euler steps per window
+cfg_scale = 4.0         # classifier-free guidance scale
+fps = 5
+scale = 2               # GIF pixels per frame pixel
+device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
+seed = 0
+configure(globals(), sys.argv[1:])
+# ----------------------------------------------------------------------------------------------------
+
+device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+try:
+    models, settings = cola.load_models(ckpt, device)
+    wm_cfg, _ = cola.model_configs(settings)
+    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, clip_len=wm_cfg.n_frames)
+    sampler = ClipSampler(data_dir, wm_cfg.n_context + horizon, 'val', seed=seed)
+except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+nc, quantizer = wm_cfg.n_context, models['lam'].quantizer
+os.makedirs(out_dir, exist_ok=True)
+gifs = []
+
+
+def write_gif(name, cells):
+    """cells: uint8 (rows, cols, T, H, W, 3) videos -> out_dir/name, tiled with 1-pixel white gaps, the
+    time bar underneath, `scale` times larger."""
+    R, C, T, H, W, _ = cells.shape
+    padded = np.pad(cells, ((0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
+    tiles = padded.transpose(2, 0, 3, 1, 4, 5).reshape(T, R * (H + 1), C * (W + 1), 3)[:, :-1, :-1]
+    bar = np.zeros((T, 3, tiles.shape[2], 3), np.uint8)
+    for t in range(T):  # the bar also makes consecutive frames differ, so the GIF writer merges none
+        bar[t, :, :(t + 1) * tiles.shape[2] // T] = (0, 190, 0) if t < nc else (220, 30, 30)
+    frames = np.concatenate([tiles, bar], 1).repeat(scale, 1).repeat(scale, 2)
+    path = os.path.join(out_dir, name)
+    iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    gifs.append(path)
+
+
+def codebook_vectors(q):
+    """Every code of a quantizer as the latent vector the world model receives, (size, d); None without a
+    codebook (continuous latent actions)."""
+    if isinstance(q, VQ):
+        return q.codebook.detach()
+    if isinstance(q, FSQ):  # code c has mixed-radix digits (c // radix) % levels, centred as in FSQ.forward
+        digits = torch.arange(q.size, device=q.levels.device)[:, None] // q.radix % q.levels
+        with torch.inference_mode():
+            return q.up((digits - q.levels // 2) / (q.levels // 2))
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# rollouts on held-out clips, driven by the IDM's latent actions
+batch = sampler.sample(n_clips)
+clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
+acts = cola.latent_actions(models['lam'], clips)  # z: (n_clips, L-1, n_tok, d)
+gen = cola.simulate(models, clips, acts['z'], sample_steps, cfg_scale, seed)
+p, s = cola.scores(gen, clips, nc)
+p_copy, s_copy = cola.scores(cola.copy_last(clips, nc), clips, nc)
+print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {data_dir}, {nc} context + {horizon} generated frames")
+print("step   PSNR dB   SSIM    copy-last: PSNR dB   SSIM")
+for k in range(horizon):
+    print(f"{k + 1:4d}   {p[k]:7.2f} {s[k]:6.3f}               {p_copy[k]:7.2f} {s_copy[k]:6.3f}")
+mean = lambda xs: sum(xs) / len(xs)
+print(f"mean   {mean(p):7.2f} {mean(s):6.3f}               {mean(p_copy):7.2f} {mean(s_copy):6.3f}")
+truth, fake = cola.to_uint8(clips), cola.to_uint8(gen)  # (n_clips, L, H, W, 3)
+diff = np.abs(truth.astype(np.int16) - fake).astype(np.uint8)
+for k in range(n_clips):
+    write_gif(f'rollout_{k}.gif', np.stack([truth[k], fake[k], diff[k]])[None])
+
+# ----------------------------------------------------------------------------------------------------
+# action transfer: clip k's latent actions drive the first frames of clip k+1
+if n_clips >= 2:
+    target = torch.arange(1, n_clips + 1) % n_clips
+    moved = cola.to_uint8(cola.simulate(models, clips[target], acts['z'], sample_steps, cfg_scale, seed))
+    write_gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
+
+# ----------------------------------------------------------------------------------------------------
+# codebook tour: from clip 0's context (and its true context actions), each code repeated for tour_steps
+codebook = codebook_vectors(quantizer)
+if codebook is None:
+    print("continuous latent actions: no codebook tour")
+else:
+    n_tok = acts['z'].shape[2]
+    z = torch.cat([acts['z'][:1, :nc - 1].expand(len(codebook), -1, -1, -1),
+                   codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
+    tour = rollout(models['wm'], models['action'], clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z,
+                   n_steps=sample_steps, cfg_scale=cfg_scale, generator=torch.Generator(device).manual_seed(seed))
+    cols = math.ceil(math.sqrt(len(codebook)))
+    rows = math.ceil(len(codebook) / cols)
+    cells = np.zeros((rows * cols,) + tour.shape[1:2] + truth.shape[2:], np.uint8)  # empty cells stay black
+    cells[:len(codebook)] = cola.to_uint8(tour)
+    write_gif('codebook.gif', cells.reshape(rows, cols, *cells.shape[1:]))
+
+print(f"wrote {', '.join(gifs)}")
+print(json.dumps(dict(ckpt=ckpt, n_clips=n_clips, horizon=horizon, psnr=round(mean(p), 4), ssim=round(mean(s), 4),
+                      copy_psnr=round(mean(p_copy), 4), copy_ssim=round(mean(s_copy), 4),
+                      psnr_per_step=[round(x, 4) for x in p], ssim_per_step=[round(x, 4) for x in s], gifs=gifs)))
