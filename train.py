@@ -132,7 +132,11 @@ try:
     for ck, path in ((start, ckpt_path), (init, init_from)):
         if ck is not None:
             cola.check_compatible(ck, config, path)
+    if ddp and not master:
+        dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
     data_dir = resolve_data(data or None, wm_cfg.res, clip_len=wm_cfg.n_frames, skip_bad=skip_bad)
+    if ddp and master:
+        dist.barrier()
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=world)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))

@@ -35,15 +35,23 @@ class WMConfig:
     act_depth: int = 2
 
 
-class VideoDiT(nn.Module):
-    """Noisy clip (B, T, C, H, W) + per-frame flow time (B, T) -> velocity (B, T, C, H, W).
+# Size presets: plain values shared by WMConfig and LAMConfig (the trainer applies them to both).
+# 'cpu' learns on the built-in simulator in minutes on 2 cores; 'base' is the paper's IDM size for GPUs.
+PRESETS = {
+    'cpu': dict(res=64, patch=8, n_frames=6, width=128, depth=4, n_heads=4, act_width=128, act_depth=2),
+    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6),
+}
 
-    ST blocks with causal temporal attention and adaLN-Zero. The network predicts the clean frame and
-    returns the velocity it implies, v = (x_t - x0_hat) / t ("x-prediction, v-loss", Li & He 2025,
-    "Back to Basics: Let Denoising Generative Models Denoise"): with pixel patches wider than the model
-    (8x8x3 = 192 > 128 at the CPU preset) predicting noise or velocity directly fails, the clean image
-    does not. x0_hat is a residual on the latest clean context frame, and the final layer starts at zero,
-    so a fresh model predicts "nothing moves" and every block is the identity on its residual stream.
+
+class VideoDiT(nn.Module):
+    """Noisy clip (B, T, C, H, W) + per-frame flow time (B, T) -> predicted clean clip x0_hat (B, T, C, H, W).
+
+    ST blocks with causal temporal attention and adaLN-Zero. The network predicts the clean frame, not
+    the velocity ("x-prediction", Li & He 2025, "Back to Basics: Let Denoising Generative Models
+    Denoise"): with pixel patches wider than the model (8x8x3 = 192 > 128 at the CPU preset) predicting
+    velocity left the model at the mean image. x0_hat is a residual on the latest clean context frame, and
+    the final layer starts at zero, so a fresh model predicts "nothing moves" and every block is the
+    identity on its residual stream. The sampler turns x0_hat into the velocity (x_t - x0_hat) / t.
     """
 
     def __init__(self, cfg):
@@ -78,9 +86,7 @@ class VideoDiT(nn.Module):
         for blk in self.blocks:
             h = blk(h, c, mod_add)
         shift, scale = self.adaLN_out(c)[:, :, None].chunk(2, dim=-1)
-        x0_hat = ref + unpatchify(self.head(modulate(self.norm_out(h), shift, scale)), self.cfg.patch, H, W)
-        # t is clamped as in Li & He: below 0.05 the division would amplify the error of x0_hat
-        return (x - x0_hat) / t.clamp(min=0.05)[:, :, None, None, None].to(x.dtype)
+        return ref + unpatchify(self.head(modulate(self.norm_out(h), shift, scale)), self.cfg.patch, H, W)
 
 
 class ActionEncoder(nn.Module):
@@ -119,14 +125,18 @@ class ActionEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------
-# rectified flow: x_t = (1 - t) x_0 + t * noise, velocity target noise - x_0, t = 0 is clean
+# rectified flow: x_t = (1 - t) x_0 + t * noise, velocity noise - x_0 = (x_t - x_0) / t, t = 0 is clean
 
 def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     """Flow-matching loss on the future frames of clean clips x0 (B, T, C, H, W) in [-1, 1].
 
     The first n_context frames stay clean (t = 0) and carry no loss; the others share one logit-normal
-    t per clip. `action` is None for action-free pretraining; otherwise z (B, T-1, n_tok, d) conditions
-    the clip and is replaced by the null action with probability cond_drop.
+    t per clip. The loss is the squared error of the predicted clean frames, i.e. the velocity error
+    weighted by t^2: unweighted, the velocity error is dominated by small t, where the frame is nearly
+    given and actions do not matter, which left the IDM without signal (measured: the codebook collapsed
+    to one entry within 75 warm-up steps). The minimiser is the same, E[x_0 | x_t]. `action` is None for
+    action-free pretraining; otherwise z (B, T-1, n_tok, d) conditions the clip and is replaced by the null
+    action with probability cond_drop.
     """
     B, T = x0.shape[:2]
     nc = wm.cfg.n_context
@@ -139,8 +149,8 @@ def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     if action is not None:
         drop = torch.rand(B, device=x0.device, generator=generator) < cond_drop
         mod = action(z, drop)
-    v = wm(x_t, t_frames, mod)
-    return F.mse_loss(v[:, nc:].float(), (noise - x0)[:, nc:].float())
+    x0_hat = wm(x_t, t_frames, mod)
+    return F.mse_loss(x0_hat[:, nc:].float(), x0[:, nc:].float())
 
 
 @torch.no_grad()
@@ -166,12 +176,13 @@ def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator
     for i in range(n_steps):
         t_frames = torch.cat([ts.new_zeros(B, nc), ts[i].expand(B, T - nc)], dim=1)
         xin = torch.cat([ctx, x], dim=1)
-        if guided:
-            v_cond, v_null = wm(xin.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), mod).chunk(2)
-            v = v_null + cfg_scale * (v_cond - v_null)
+        if guided:  # guidance on the clean-frame prediction equals guidance on the velocity: same x_t, t
+            x0_cond, x0_null = wm(xin.repeat(2, 1, 1, 1, 1), t_frames.repeat(2, 1), mod).chunk(2)
+            x0_hat = x0_null + cfg_scale * (x0_cond - x0_null)
         else:
-            v = wm(xin, t_frames, mod)
-        x = x + (ts[i + 1] - ts[i]) * v[:, nc:]
+            x0_hat = wm(xin, t_frames, mod)
+        v = (x - x0_hat[:, nc:]) / ts[i]  # ts[i] >= 1 / n_steps: no division blow-up
+        x = x + (ts[i + 1] - ts[i]) * v
     return x
 
 
@@ -194,11 +205,3 @@ def rollout(wm, action, ctx, z, total=None, n_steps=10, cfg_scale=4.0, generator
         new = sample(wm, action, torch.stack(frames[s:s + nc], 1), zw, T, n_steps, cfg_scale, generator)
         frames += list(new.clamp(-1, 1).unbind(1))
     return torch.stack(frames, 1)
-
-
-# Size presets: plain values shared by WMConfig and LAMConfig (the trainer applies them to both).
-# 'cpu' learns on the built-in simulator in minutes on 2 cores; 'base' is the paper's IDM size for GPUs.
-PRESETS = {
-    'cpu': dict(res=64, patch=8, n_frames=6, width=128, depth=4, n_heads=4, act_width=128, act_depth=2),
-    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6),
-}
