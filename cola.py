@@ -5,7 +5,9 @@ flat settings dict, save and load checkpoints (CONTRACT.md), and the measurement
 end-of-run summary), sample.py, eval.py, plan.py and bench.py.
 """
 import os
+from collections import defaultdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -72,17 +74,20 @@ def load_models(path, device='cpu', use_ema=True):
     """Checkpoint -> (modules dict in eval mode, settings dict). The EMA world model is used when saved."""
     ckpt = load_checkpoint(path, device)
     models = build(ckpt['config'], device)
-    for name, m in models.items():
-        m.load_state_dict(ckpt[name])
-        m.eval()
-    if use_ema and ckpt.get('ema_wm'):
-        models['wm'].load_state_dict(ckpt['ema_wm'])
+    try:
+        for name, m in models.items():
+            m.load_state_dict(ckpt[name])
+            m.eval()
+        if use_ema and ckpt.get('ema_wm'):
+            models['wm'].load_state_dict(ckpt['ema_wm'])
+    except RuntimeError as e:  # written by another version of the code
+        raise ValueError(f"checkpoint {path} does not fit this code's modules: {str(e).splitlines()[0]}") from None
     return models, ckpt['config']
 
 
 # ----------------------------------------------------------------------------------------------------
 # measurements: metrics, batched rollouts, the linear probe and the real-action adapter. Used by train.py
-# (summary), sample.py and eval.py; everything here takes and returns batched tensors.
+# (summary), sample.py, eval.py and plan.py; everything here takes and returns batched tensors.
 
 def to_model(frames, device='cpu'):
     """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1] on device."""
@@ -145,6 +150,25 @@ def latent_actions(lam, clips):
     return dict(z_e=z_e, z=z, codes=codes)
 
 
+def episode_latents(lam, sampler, ids, device='cpu', chunk=16):
+    """The IDM's outputs and the true actions of every transition of the episodes `ids` of a ClipSampler,
+    batched by episode length (eval.py's probe and adapter, plan.py's adapter): two lists, one entry per
+    episode, z_e (T-1, n_tok, d) and actions (T-1, A) or None."""
+    eps = [e for e in map(sampler.get_episode, ids) if len(e['frames']) >= 2]
+    z_e = [None] * len(eps)
+    groups = defaultdict(list)  # length -> positions in eps
+    for k, e in enumerate(eps):
+        groups[len(e['frames'])].append(k)
+    for group in groups.values():
+        for c in range(0, len(group), chunk):
+            part = group[c:c + chunk]
+            clips = to_model(torch.from_numpy(np.stack([eps[k]['frames'] for k in part])), device)
+            for k, z in zip(part, latent_actions(lam, clips)['z_e']):
+                z_e[k] = z
+    actions = [None if e['actions'] is None else torch.from_numpy(e['actions']).to(device) for e in eps]
+    return z_e, actions
+
+
 @torch.inference_mode()
 def simulate(models, clips, z, n_steps=10, cfg_scale=4.0, seed=0):
     """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
@@ -182,15 +206,17 @@ def ridge_probe(x_train, y_train, x_test, y_test, ridge=1e-3):
 
     The penalty is `ridge` times the mean eigenvalue of the centred Gram matrix, so it does not depend on
     the scale of the latents, plus a tiny floor: constant latents (a collapsed codebook) then predict the
-    training mean instead of amplified round-off. Returns dict(l1: mean absolute error (the paper's metric), r2: 1 - SS_res /
-    SS_tot averaged over action dimensions, l1_mean: the L1 of always predicting the training mean)."""
+    training mean instead of amplified round-off. Returns dict(l1: mean absolute error (the paper's
+    metric), r2: 1 - SS_res / SS_tot averaged over action dimensions, l1_mean: the L1 of always predicting
+    the training mean)."""
     x, y = x_train.flatten(1).double(), y_train.double()
     xt, yt = x_test.flatten(1).double(), y_test.double()
     mx, my = x.mean(0), y.mean(0)
     xc = x - mx
     gram = xc.T @ xc
     penalty = ridge * gram.diagonal().mean() + 1e-8 * len(x)
-    W = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), xc.T @ (y - my))
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    W = torch.linalg.solve(gram + penalty * eye, xc.T @ (y - my))
     pred = (xt - mx) @ W + my
     r2 = 1 - (pred - yt).square().sum(0) / (yt - yt.mean(0)).square().sum(0).clamp(min=1e-12)
     return dict(l1=(pred - yt).abs().mean().item(), r2=r2.mean().item(), l1_mean=(yt - my).abs().mean().item())
@@ -213,7 +239,7 @@ def train_adapter(actions, z_e, steps=500, lr=3e-3, seed=0):
     """Fit an Adapter on labelled transitions, full batch: actions (N, A) -> the IDM's output z_e (N, n_tok, d).
 
     The target is z_e, before quantization: quantizing it gives back exactly the IDM's latent action, for
-    every quantizer (VQ's nearest entry, FSQ's rounding), so the adapter learns the IDM's own input space.
+    every quantizer (VQ's nearest entry, FSQ's rounding), so the adapter lands where the quantizer expects.
     Returns (adapter in eval mode, the loss at every step)."""
     torch.manual_seed(seed)
     actions, z_e = actions.float().clone(), z_e.float().clone()  # ordinary tensors: may come from inference_mode

@@ -4,32 +4,29 @@ Measure a CoLA-World checkpoint as the paper does, in one command (about a minut
   python eval.py --ckpt=out/ckpt.pt
   python eval.py --ckpt=out/ckpt.pt --data=/path/to/episodes --n_clips=64 --horizon=20
 
-1. video simulation: PSNR and SSIM of world-model rollouts on held-out clips, driven by the IDM's latent
-   actions inferred from the ground truth, per horizon step and averaged; next to copying the last context
-   frame and to the same world model driven by the null action (the gap to the null action is the control
-   the latent actions carry);
-2. latent action quality: a linear probe (closed-form ridge) from the latent actions (quantized vectors
-   for quantized models) to the true actions, fit on training episodes and scored on held-out ones;
-3. codebook health of the IDM's codes on held-out episodes;
-4. real-action adaptation: a 2-layer MLP adapter from real actions to latent actions, learned from a few
-   dozen labelled training episodes, then the world model driven by real actions through it, and the
-   codebook usage of the adapter's outputs (the paper: two-stage adapters collapse onto few codes).
-The held-out split is the one train.py held out (data.ClipSampler). Probe and adapter need true actions;
-a folder without them gets parts 1 and 3 only. The last line of stdout is one JSON object.
+1. latent action quality: codebook health of the IDM's codes on held-out episodes, and a linear probe
+   (closed-form ridge) from the latent actions (quantized vectors for quantized models) to the true
+   actions, fit on training episodes and scored on held-out ones;
+2. real-action adaptation: a 2-layer MLP adapter from real actions to latent actions, learned from a few
+   dozen labelled training episodes, and the codebook usage of its outputs (the paper: two-stage adapters
+   collapse onto few codes);
+3. video simulation: PSNR and SSIM of world-model rollouts on held-out clips, per horizon step and
+   averaged, driven by the IDM's latent actions inferred from the ground truth, by real actions through
+   the adapter, and by the null action (the gap to it is the control the latent actions carry), next to
+   copying the last context frame.
+The held-out split is the one train.py held out (data.ClipSampler). The probe and the adapter need true
+actions; a folder without them gets the rest. The last line of stdout is one JSON object (keys: README).
 LPIPS and FVD need network weights that cannot be downloaded here: they are not computed.
 """
 import json
 import sys
 import time
-from collections import defaultdict
 
-import numpy as np
 import torch
 
 import cola
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
-from lam import code_stats
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -69,24 +66,6 @@ def quantize(z_e):
     return z, codes
 
 
-def episode_latents(ids, chunk=16):
-    """The IDM's outputs and the true actions of every transition of the episodes `ids`, batched by
-    episode length: two lists, one entry per episode, z_e (T-1, n_tok, d) and actions (T-1, A) or None."""
-    eps = [e for e in map(sampler.get_episode, ids) if len(e['frames']) >= 2]
-    z_e = [None] * len(eps)
-    groups = defaultdict(list)  # length -> positions in eps
-    for k, e in enumerate(eps):
-        groups[len(e['frames'])].append(k)
-    for group in groups.values():
-        for c in range(0, len(group), chunk):
-            part = group[c:c + chunk]
-            clips = cola.to_model(torch.from_numpy(np.stack([eps[k]['frames'] for k in part])), device)
-            for k, z in zip(part, cola.latent_actions(lam, clips)['z_e']):
-                z_e[k] = z
-    actions = [None if e['actions'] is None else torch.from_numpy(e['actions']).to(device) for e in eps]
-    return z_e, actions
-
-
 def report(prefix, gen):
     """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim and their per-step lists."""
     p, s = cola.scores(gen, clips, nc)
@@ -94,41 +73,24 @@ def report(prefix, gen):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 1. video simulation on held-out clips: IDM latent actions vs the null action vs copying the last frame
-batch = sampler.sample(n_clips)
-clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
-print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {data_dir}, {nc} context + {horizon} generated "
-      f"frames, {sample_steps} Euler steps, guidance {cfg_scale}")
-z_idm = cola.latent_actions(lam, clips)['z']  # (n_clips, L-1, n_tok, d)
+# 1. the IDM on whole episodes: codebook health on held-out ones, linear probe train -> held-out
+print(f"{ckpt} ({settings['mode']}) on {data_dir}")
 out = dict(ckpt=ckpt, mode=settings['mode'], n_clips=n_clips, horizon=horizon)
-out.update(report('', cola.simulate(models, clips, z_idm, sample_steps, cfg_scale, seed)))
-out.update(report('null_', cola.simulate(models, clips, None, sample_steps, cfg_scale, seed)))
-out.update(report('copy_', cola.copy_last(clips, nc)))
-out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']
-print("step   PSNR dB: latent / null / copy-last    SSIM: latent / null / copy-last")
-for k in range(horizon):
-    print(f"{k + 1:4d}   {out['psnr_per_step'][k]:14.2f} {out['null_psnr_per_step'][k]:6.2f} "
-          f"{out['copy_psnr_per_step'][k]:6.2f}    {out['ssim_per_step'][k]:12.3f} "
-          f"{out['null_ssim_per_step'][k]:6.3f} {out['copy_ssim_per_step'][k]:6.3f}")
-print(f"mean   {out['psnr']:14.2f} {out['null_psnr']:6.2f} {out['copy_psnr']:6.2f}    "
-      f"{out['ssim']:12.3f} {out['null_ssim']:6.3f} {out['copy_ssim']:6.3f}")
-
-# ----------------------------------------------------------------------------------------------------
-# 2, 3. the IDM on whole episodes: codebook health on held-out ones, linear probe train -> held-out
 val_ids = sampler.episodes('val')[:n_episodes]
 train_ids = sampler.episodes('train')[:max(n_episodes, adapter_episodes)]  # the adapter's are the first ones
-ze_val, a_val = episode_latents(val_ids)
+ze_val, a_val = cola.episode_latents(lam, sampler, val_ids, device)
 ze_val = torch.cat(ze_val)  # (N, n_tok, d), every held-out transition
 z_val, codes_val = quantize(ze_val)
 if codes_val is not None:
     stats, line = cola.codebook_health(codes_val, size)
     out.update(stats)
     print(f"held-out {line}")
-if a_val[0] is None:
+labelled = a_val[0] is not None
+if not labelled:
     print("no true actions in this data: no linear probe, no adapter")
 else:
     a_val = torch.cat(a_val)
-    ze_train, a_train = episode_latents(train_ids)
+    ze_train, a_train = cola.episode_latents(lam, sampler, train_ids, device)
     probe = cola.ridge_probe(quantize(torch.cat(ze_train[:n_episodes]))[0], torch.cat(a_train[:n_episodes]),
                              z_val, a_val, probe_ridge)
     out.update(probe_l1=probe['l1'], probe_r2=probe['r2'], probe_l1_mean=probe['l1_mean'])
@@ -136,20 +98,45 @@ else:
           f"episodes): L1 {probe['l1']:.4f} (predicting the mean: {probe['l1_mean']:.4f}), R^2 {probe['r2']:.3f}")
 
     # ------------------------------------------------------------------------------------------------
-    # 4. real-action adaptation: real action -> adapter -> the LAM's quantizer -> world model
+    # 2. real-action adaptation: real action -> adapter -> the LAM's quantizer -> world model (rolled out in 3.)
     n_ad = min(adapter_episodes, len(ze_train))
     adapter, losses = cola.train_adapter(torch.cat(a_train[:n_ad]), torch.cat(ze_train[:n_ad]), adapter_steps, seed=seed)
-    with torch.inference_mode():
-        z_ad = quantize(adapter(batch['actions'].to(device)))[0]  # (n_clips, L-1, n_tok, d)
-        codes_ad = quantize(adapter(a_val))[1]  # the adapter's codes over the held-out transitions
-    out.update(report('adapter_', cola.simulate(models, clips, z_ad, sample_steps, cfg_scale, seed)))
     out.update(adapter_episodes=n_ad, adapter_loss=losses[-1])
-    print(f"adapter ({n_ad} labelled episodes, loss {losses[0]:.4f} -> {losses[-1]:.4f}): "
-          f"PSNR {out['adapter_psnr']:.2f} dB, SSIM {out['adapter_ssim']:.3f} driven by real actions")
+    print(f"adapter fit on {n_ad} labelled episodes: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    with torch.inference_mode():
+        codes_ad = quantize(adapter(a_val))[1]  # the adapter's codes over the held-out transitions
     if codes_ad is not None:
         stats, line = cola.codebook_health(codes_ad, size)
         out.update({f'adapter_{k}': v for k, v in stats.items()})
         print(f"adapter {line}")
+
+# ----------------------------------------------------------------------------------------------------
+# 3. video simulation on held-out clips, driven by the IDM's latent actions and by the adapter's (one
+#    batched rollout), by the null action, and copying the last frame
+batch = sampler.sample(n_clips)
+clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
+print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
+      f"{sample_steps} Euler steps, guidance {cfg_scale}")
+z = cola.latent_actions(lam, clips)['z']  # (n_clips, L-1, n_tok, d)
+if labelled:
+    with torch.inference_mode():
+        z = torch.cat([z, quantize(adapter(batch['actions'].to(device)))[0]])
+gen = cola.simulate(models, clips.repeat(len(z) // n_clips, 1, 1, 1, 1), z, sample_steps, cfg_scale, seed)
+out.update(report('', gen[:n_clips]))
+if labelled:
+    out.update(report('adapter_', gen[n_clips:]))
+out.update(report('null_', cola.simulate(models, clips, None, sample_steps, cfg_scale, seed)))
+out.update(report('copy_', cola.copy_last(clips, nc)))
+out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']
+cols = [(name, p) for name, p in (('latent', ''), ('adapter', 'adapter_'), ('null', 'null_'), ('copy-last', 'copy_'))
+        if p + 'psnr' in out]
+row = lambda first, psnrs, ssims: print(f"{first:>5} " + ''.join(f"{x:10.2f}" for x in psnrs) + "  |"
+                                        + ''.join(f"{x:10.3f}" for x in ssims))
+print("PSNR dB (left) and SSIM (right) per generated frame\n step " + ''.join(f"{n:>10}" for n, _ in cols)
+      + "  |" + ''.join(f"{n:>10}" for n, _ in cols))
+for k in range(horizon):
+    row(k + 1, [out[p + 'psnr_per_step'][k] for _, p in cols], [out[p + 'ssim_per_step'][k] for _, p in cols])
+row('mean', [out[p + 'psnr'] for _, p in cols], [out[p + 'ssim'] for _, p in cols])
 
 out['wall_s'] = time.time() - t_start
 print(f"done in {out['wall_s']:.0f} s (LPIPS and FVD are not computed: their networks cannot be downloaded here)")

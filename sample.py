@@ -37,7 +37,7 @@ data = ''               # folder of episodes to sample from; '' = the data the c
 out_dir = 'samples'
 n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)
 horizon = 22            # generated frames per clip, after the n_context given ones
-tour_steps = 8          # frames each code is played for in the codebook tour
+tour_steps = 4          # frames each code is played for in the codebook tour
 sample_steps = 10       # Euler steps per window
 cfg_scale = 4.0         # classifier-free guidance scale
 fps = 5

@@ -1,4 +1,5 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny shapes; every test can fail."""
+import importlib.util
 import json
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 
 import cola
 import data
+import plan
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats, random_crop
 from model import STBlock, patchify, unpatchify
 from world_model import ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
@@ -304,7 +306,6 @@ def test_cli_writes_npz_episodes(tmp_path):
 
 
 def test_video_round_trip(tmp_path):
-    import imageio.v3 as iio
     frames = data.generate_episode(1, 10, 64)['frames']
     frames[:, :8, :8] = np.arange(10)[:, None, None, None] * 25  # Pillow's GIF writer merges repeated frames
     iio.imwrite(tmp_path / 'a.mp4', frames, plugin='FFMPEG', fps=10)
@@ -669,3 +670,89 @@ def test_bad_checkpoint_is_one_line_error(program, tmp_path):
     for path in (tmp_path / 'missing.pt', bad):
         r = run(program, f'--ckpt={path}')
         assert r.returncode == 2 and str(path) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# plan.py and the PushT source
+
+HAVE_PUSHT = importlib.util.find_spec('gym_pusht') is not None
+needs_pusht = pytest.mark.skipif(not HAVE_PUSHT, reason='gym-pusht is absent (pip install -r requirements-pusht.txt)')
+
+
+@pytest.mark.parametrize('method', ['mppi', 'cem'])
+def test_planner_finds_minimum_of_quadratic(method):
+    target = torch.tensor([[0.5, -0.3], [-0.7, 0.2], [0.1, 0.9]])  # (H, A), inside [-1, 1]
+    cost = lambda a: ((a - target).square().sum((1, 2)), a)
+    p = plan.Planner(method, 3, 2, n_samples=100, n_iters=30, std=0.3, smoothing=0.0, seed=0)
+    mean, best = p.plan(cost)
+    # MPPI keeps its noise level, so its mean stays within ~std / sqrt(effective samples) of the minimum
+    assert (mean - target).abs().max() < (0.1 if method == 'mppi' else 0.02), mean
+    assert cost(mean[None])[0] < 0.02 * cost(torch.zeros(1, 3, 2))[0] and cost(best[None])[0] < 0.05
+    p.shift(1)  # warm start: the rest of the plan, then zeros
+    assert torch.equal(p.mean, torch.cat([mean[1:], torch.zeros(1, 2)]))
+
+
+def test_planner_with_the_simulator_as_model_solves_reach():
+    """The oracle: the same MPC loop with PushSim itself as the model reaches the goal of reach tasks."""
+    solved, moved = [], []
+    for k in range(4):
+        task = plan.sim_task('reach', k, res=32, task_horizon=8)
+        start = task.result()['dist']
+        p = plan.Planner('mppi', 8, 2, n_samples=32, seed=k)
+        r, obs, pred, times = plan.run_episode(task, p, lambda o, g: plan.simulator_cost(task.sim, g), 16, 4, 2)
+        solved.append(r['success'])
+        moved.append(r['dist'] < start)
+        assert len(obs) == len(pred) == 17 and len(times) == 4  # start + 16 steps; a plan every 4 steps
+    assert sum(solved) >= 3 and all(moved), (solved, moved)
+
+
+@needs_pusht
+def test_pusht_recording_aligns_frames_and_actions(tmp_path):
+    ep = data.generate_pusht_episode(3, T=12)
+    assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
+    # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
+    assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
+    sim = data.PushT(seed=3)
+    assert np.array_equal(sim.render(), ep['frames'][0])
+    for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
+        assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
+    # set_state(get_state()) resumes the trajectory (the oracle planner relies on it)
+    s, after = sim.get_state(), [sim.step(a) for a in ep['actions'][:3]]
+    sim.set_state(s)
+    assert max(np.abs(sim.step(a).astype(int) - f).mean() for a, f in zip(ep['actions'][:3], after)) < 0.5
+    # the CLI writes the same episodes; data.py itself does not import gym_pusht
+    r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(tmp_path / 'ep_000001.npz') as z:
+        assert np.array_equal(z['frames'], data.generate_pusht_episode(1, T=6)['frames'])
+    code = 'import sys, data; assert "gym_pusht" not in sys.modules and "pymunk" not in sys.modules'
+    assert subprocess.run([sys.executable, '-c', code], cwd=HERE).returncode == 0
+
+
+@needs_pusht
+def test_pusht_task_goal_is_the_envs_goal_pose():
+    task = plan.pusht_task(0, res=16)
+    assert task.goal.shape == (16, 16, 3)
+    assert 0.3 < task.result()['coverage'] < 0.8 and not task.result()['success']
+    sim = data.PushT()
+    sim.reset(state=[100, 100, *sim.env.goal_pose])  # reset_to_state, corrected for the T's centre of gravity
+    assert sim.coverage() > 0.999 and sim.success()
+
+
+def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
+    tasks = 'reach,push,pusht' if HAVE_PUSHT else 'reach,push'
+    r = run('plan.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', f'--tasks={tasks}', '--n_tasks=1',
+            '--n_samples=8', '--horizon=4', '--exec_steps=2', '--max_steps=4', '--sample_steps=2',
+            '--adapter_steps=20', '--adapter_episodes=3', '--n_gifs=1', '--device=cpu')
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for family in tasks.split(','):
+        for name in ('ours', 'random', 'oracle'):
+            assert 0 <= out[f'{family}_{name}_success'] <= 1
+        assert out[f'{family}_ours_s_per_plan'] > 0
+    assert 'pusht_ours_coverage' in out or 'pusht' not in tasks
+    assert len(out['gifs']) == len(tasks.split(','))
+    gif = iio.imread(out['gifs'][0])  # observed | predicted | goal, start + 4 steps, scale 2, 1-pixel gaps
+    assert gif.shape == (5, 2 * 16, 2 * (3 * 16 + 2), 3)
+    bad = run('plan.py', f'--ckpt={tiny_ckpt}', '--tasks=fly')
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

@@ -2,7 +2,7 @@
 # pretrain -> warm-up -> joint, in about 15 minutes on 2 cores.
 preset = 'cpu'
 batch_size = 16
-pretrain_steps = 300
+pretrain_steps = 600
 warmup_steps = 150
 joint_steps = 350
 lr = 1e-3
