@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from data import ClipSampler, resolve_data
 from lam import LAM, LAMConfig, code_stats
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
 
@@ -68,6 +69,17 @@ def check_compatible(ckpt, s, path):
            and getattr(mine[m], k) != getattr(theirs[m], k)]
     if bad:
         raise ValueError(f"checkpoint {path} has an incompatible config ({'; '.join(sorted(set(bad)))})")
+
+
+def open_run(ckpt, data, device, split='val', horizon=None, seed=0):
+    """What sample.py, eval.py and plan.py start from: the checkpoint's modules and settings, its world
+    model's config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on).
+    Clips have n_context + horizon frames, or one training window when horizon is None."""
+    models, settings = load_models(ckpt, device)
+    wm_cfg, _ = model_configs(settings)
+    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, clip_len=wm_cfg.n_frames)
+    clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
+    return models, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
 
 
 def load_models(path, device='cpu', use_ema=True):

@@ -26,7 +26,6 @@ import torch
 
 import cola
 from configurator import configure, fail
-from data import ClipSampler, resolve_data
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -48,10 +47,7 @@ configure(globals(), sys.argv[1:])
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 t_start = time.time()
 try:
-    models, settings = cola.load_models(ckpt, device)
-    wm_cfg, _ = cola.model_configs(settings)
-    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, clip_len=wm_cfg.n_frames)
-    sampler = ClipSampler(data_dir, wm_cfg.n_context + horizon, 'val', seed=seed)
+    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 nc, lam, size = wm_cfg.n_context, models['lam'], models['lam'].quantizer.size
@@ -74,7 +70,7 @@ def report(prefix, gen):
 
 # ----------------------------------------------------------------------------------------------------
 # 1. the IDM on whole episodes: codebook health on held-out ones, linear probe train -> held-out
-print(f"{ckpt} ({settings['mode']}) on {data_dir}")
+print(f"{ckpt} ({settings['mode']}) on {sampler.dir}")
 out = dict(ckpt=ckpt, mode=settings['mode'], n_clips=n_clips, horizon=horizon)
 val_ids = sampler.episodes('val')[:n_episodes]
 train_ids = sampler.episodes('train')[:max(n_episodes, adapter_episodes)]  # the adapter's are the first ones

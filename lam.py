@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 
 from model import AttentionPool, Block, STBlock, patchify, sincos_2d, unpatchify
 

@@ -30,7 +30,7 @@ import torch
 
 import cola
 from configurator import configure, fail
-from data import ACTION_DIM, ClipSampler, PushSim, PushT, make_task, resolve_data, task_success
+from data import ACTION_DIM, PushSim, PushT, make_task, task_success
 from world_model import rollout
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,14 +239,11 @@ def main():
     if bad:
         fail(f"unknown {sorted(bad)}: --tasks takes reach, push, pusht; --planners ours, random, oracle")
     try:
-        models, settings = cola.load_models(ckpt, dev)
-        wm_cfg, _ = cola.model_configs(settings)
+        models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed)
         res, nc = wm_cfg.res, wm_cfg.n_context
         if 'pusht' in families:
             PushT(res)  # fails here, not after an hour of planning, when gym-pusht is absent
         if 'ours' in names:  # the real-action adapter, fit as eval.py fits it
-            sampler = ClipSampler(resolve_data(data or settings['data'] or None, res, clip_len=wm_cfg.n_frames),
-                                  wm_cfg.n_frames, 'train', seed=seed)
             z_e, acts = cola.episode_latents(models['lam'], sampler, sampler.episodes('train')[:adapter_episodes], dev)
             if acts[0] is None:
                 raise ValueError(f"{sampler.dir} has no actions: the adapter needs labelled episodes")

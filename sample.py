@@ -26,7 +26,6 @@ import torch
 
 import cola
 from configurator import configure, fail
-from data import ClipSampler, resolve_data
 from lam import FSQ, VQ
 from world_model import rollout
 
@@ -49,10 +48,7 @@ configure(globals(), sys.argv[1:])
 
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 try:
-    models, settings = cola.load_models(ckpt, device)
-    wm_cfg, _ = cola.model_configs(settings)
-    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, clip_len=wm_cfg.n_frames)
-    sampler = ClipSampler(data_dir, wm_cfg.n_context + horizon, 'val', seed=seed)
+    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 nc, quantizer = wm_cfg.n_context, models['lam'].quantizer
@@ -95,7 +91,7 @@ acts = cola.latent_actions(models['lam'], clips)  # z: (n_clips, L-1, n_tok, d)
 gen = cola.simulate(models, clips, acts['z'], sample_steps, cfg_scale, seed)
 p, s = cola.scores(gen, clips, nc)
 p_copy, s_copy = cola.scores(cola.copy_last(clips, nc), clips, nc)
-print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {data_dir}, {nc} context + {horizon} generated frames")
+print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, {nc} context + {horizon} generated frames")
 print("step   PSNR dB   SSIM    copy-last: PSNR dB   SSIM")
 for k in range(horizon):
     print(f"{k + 1:4d}   {p[k]:7.2f} {s[k]:6.3f}               {p_copy[k]:7.2f} {s_copy[k]:6.3f}")
