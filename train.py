@@ -228,8 +228,10 @@ def save(phase, opt):
                       for m in models.values() for p in m.parameters())
     mine = dict(sampler=sampler.state_dict(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state() if cuda else None, fingerprint=fingerprint)
-    ranks = [None] * world
-    dist.all_gather_object(ranks, mine) if ddp else ranks.__setitem__(0, mine)
+    ranks = [mine]
+    if ddp:
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
     if master:
         if len({r['fingerprint'] for r in ranks}) > 1:
             print(f"warning: the ranks' weights differ at step {step}: {[r['fingerprint'] for r in ranks]}")
