@@ -61,11 +61,12 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
-def check_compatible(ckpt, s, path):
-    """Raise if the checkpoint's model shape differs from the settings `s` (both resolved by preset)."""
+def check_compatible(ckpt, s, path, modules=('wm', 'lam')):
+    """Raise if the checkpoint's shapes for `modules` differ from the settings `s` (both resolved by
+    preset). --init_from takes only the world model, so only its shape has to agree."""
     mine, theirs = (dict(zip(('wm', 'lam'), model_configs(c))) for c in (s, ckpt['config']))
     bad = [f"{k}: checkpoint {getattr(theirs[m], k)!r} vs now {getattr(mine[m], k)!r}"
-           for m in ('wm', 'lam') for k in SHAPE_KEYS if k in mine[m].__dataclass_fields__
+           for m in modules for k in SHAPE_KEYS if k in mine[m].__dataclass_fields__
            and getattr(mine[m], k) != getattr(theirs[m], k)]
     if bad:
         raise ValueError(f"checkpoint {path} has an incompatible config ({'; '.join(sorted(set(bad)))})")

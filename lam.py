@@ -88,7 +88,7 @@ class FSQ(nn.Module):
 
     def forward(self, z):
         L = self.levels.float()
-        half = (L - 1) * (1 - 1e-3) / 2
+        half = (L - 1) * (1 + 1e-3) / 2
         # even level counts need a half-step offset so the rounded grid has exactly L values
         offset = (self.levels % 2 == 0).float() * 0.5
         bounded = torch.tanh(self.down(z) + torch.atanh(offset / half)) * half - offset

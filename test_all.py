@@ -121,10 +121,10 @@ def test_quantizer_stats_known_histogram():
 
 def test_fsq_uses_every_level_combination():
     torch.manual_seed(0)
-    fsq = FSQ((4, 3), 16)
+    fsq = FSQ((4, 3, 2), 16)  # even, odd and the smallest level count
     z = torch.randn(20000, 16) * 3
-    _, codes, _, _ = fsq(z)
-    assert fsq.size == 12 and set(codes.unique().tolist()) == set(range(12))
+    z_q, codes, _, _ = fsq(z)
+    assert fsq.size == 24 and set(codes.unique().tolist()) == set(range(24)) and torch.isfinite(z_q).all()
 
 
 def test_dead_code_restart_revives_entries():
@@ -549,6 +549,13 @@ def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
         r = train(str(tmp_path / 'o'), *flags, check=False)
         assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])
         assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
+    """--init_from loads `wm` alone, so another quantizer may start from the same pretrained world model."""
+    train(str(tmp_path), f'--init_from={pretrained}/ckpt.pt', '--quantizer=fsq', '--fsq_levels=(4, 2)',
+          '--warmup_steps=1', '--joint_steps=0', data_dir=tiny_data)
+    assert same(ckpt(str(tmp_path))['wm'], ckpt(pretrained)['wm'])
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):

@@ -129,9 +129,10 @@ try:
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     start = cola.load_checkpoint(ckpt_path, device) if resume else None
     init = cola.load_checkpoint(init_from, device) if init_from and not resume else None
-    for ck, path in ((start, ckpt_path), (init, init_from)):
-        if ck is not None:
-            cola.check_compatible(ck, config, path)
+    if start is not None:
+        cola.check_compatible(start, config, ckpt_path)
+    if init is not None:
+        cola.check_compatible(init, config, init_from, modules=('wm',))
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
     data_dir = resolve_data(data or None, wm_cfg.res, clip_len=wm_cfg.n_frames, skip_bad=skip_bad)
