@@ -264,7 +264,7 @@ for phase, n_steps in schedule:
         continue
     opt, params = start_phase(phase, opt)
     model = wrap()
-    t_phase, t_log, codes_window = time.time(), time.time(), []
+    t_phase, t_log, steps_in_window, codes_window = time.time(), time.time(), 0, []
     bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
     while step < end:
         for g in opt.param_groups:
@@ -293,10 +293,11 @@ for phase, n_steps in schedule:
                 for k, v in models['wm'].state_dict().items():
                     ema[k].lerp_(v, 1 - ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         step += 1
+        steps_in_window += 1
         bar.update(1)
         if logging and master:
             rec = dict(step=step, phase=phase, loss=loss, lr=opt.param_groups[0]['lr'],
-                       ms_per_step=1000 * (time.time() - t_log) / ((step - begin) % log_interval or log_interval),
+                       ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
                        **{k: out[k].item() for k in ('flow', 'recon', 'vq') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
             if codes_window and models['lam'].quantizer.size:
@@ -305,7 +306,7 @@ for phase, n_steps in schedule:
             log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))
         if logging:
-            t_log, codes_window = time.time(), []
+            t_log, steps_in_window, codes_window = time.time(), 0, []
         stopping = bool(stop_signal)
         if ddp:  # every rank must agree to stop at the same step, or the checkpoint gather would hang
             flag = torch.tensor(float(stopping), device=device)

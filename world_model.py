@@ -133,10 +133,9 @@ def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     The first n_context frames stay clean (t = 0) and carry no loss; the others share one logit-normal
     t per clip. The loss is the squared error of the predicted clean frames, i.e. the velocity error
     weighted by t^2: unweighted, the velocity error is dominated by small t, where the frame is nearly
-    given and actions do not matter, which left the IDM without signal (measured: the codebook collapsed
-    to one entry within 75 warm-up steps). The minimiser is the same, E[x_0 | x_t]. `action` is None for
-    action-free pretraining; otherwise z (B, T-1, n_tok, d) conditions the clip and is replaced by the null
-    action with probability cond_drop.
+    given and actions do not matter (measured after pretraining: 3.5 at t = 0.05 against 0.018 at t = 0.95).
+    The minimiser is the same, E[x_0 | x_t]. `action` is None for action-free pretraining; otherwise
+    z (B, T-1, n_tok, d) conditions the clip and is replaced by the null action with probability cond_drop.
     """
     B, T = x0.shape[:2]
     nc = wm.cfg.n_context
@@ -159,8 +158,9 @@ def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator
 
     ctx: (B, n_context, C, H, W) clean frames; z: (B, T-1, n_tok, d) latent actions of the window's T
     frames, or None for the null action (then give T; default one full window). `action` None means an
-    action-free model (pretraining). With cfg_scale != 1 the conditional and null velocities come from
-    one batched call and are combined as v_null + s * (v_cond - v_null). Returns (B, T - n_context, ...).
+    action-free model (pretraining). With cfg_scale != 1 the conditional and null clean-frame predictions
+    come from one batched call and are combined as null + s * (cond - null), which is the same as guiding
+    the velocity (same x_t and t). Returns (B, T - n_context, ...).
     """
     B, nc = ctx.shape[:2]
     T = z.shape[1] + 1 if z is not None else (T or wm.cfg.n_frames)
