@@ -436,7 +436,9 @@ def tiny_data(tmp_path_factory):
 
 def run(program, *flags, torchrun=0):
     """Run one of the programs as users do (under torchrun with that many processes); CompletedProcess."""
-    launcher = [sys.executable, '-m', 'torch.distributed.run', f'--nproc_per_node={torchrun}'] if torchrun else [sys.executable]
+    # --standalone: torchrun picks a free port, so back-to-back runs never collide on the default one
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
+    launcher = launcher if torchrun else [sys.executable]
     return subprocess.run(launcher + [os.path.join(HERE, program), *flags], capture_output=True, text=True, cwd=HERE,
                           env={**os.environ, 'OMP_NUM_THREADS': '1'})
 
