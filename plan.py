@@ -30,7 +30,8 @@ import torch
 
 import cola
 from configurator import configure, fail
-from data import ACTION_DIM, PushSim, PushT, make_task, task_success
+from data import ACTION_DIM, PushSim, make_task, task_success
+from pusht import PushT
 from world_model import rollout
 
 # ----------------------------------------------------------------------------------------------------

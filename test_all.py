@@ -14,6 +14,7 @@ import torch
 import cola
 import data
 import plan
+import pusht
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats, random_crop
 from model import STBlock, patchify, unpatchify
 from world_model import ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
@@ -508,6 +509,20 @@ def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
     assert all(r['grad_lam'] == 0 for r in log_of(out) if r['phase'] == 'wm')
 
 
+def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_path):
+    """The paper's Fig. 4b control: warm-up as in CoLA, then the LAM stays frozen while the WM trains."""
+    out, flags = str(tmp_path), ['--mode=frozen_lam', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=2']
+    train(out, *flags, '--joint_steps=0', data_dir=tiny_data)
+    warm = ckpt(out)
+    assert warm['phase'] == 'warmup' and same(warm['wm'], ckpt(pretrained)['wm'])
+    train(out, '--resume', *flags, '--joint_steps=2', data_dir=tiny_data)
+    final = ckpt(out)
+    assert final['phase'] == 'wm' and final['step'] == 4 and same(final['lam'], warm['lam'])
+    assert not same(final['wm'], warm['wm']) and not same(final['action'], warm['action'])
+    assert [r['phase'] for r in log_of(out)] == ['warmup'] * 2 + ['wm'] * 2
+    assert all(r['grad_lam'] == 0 and r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'wm')
+
+
 def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     """An uninterrupted run and one stopped by SIGTERM then resumed log identical losses (CPU, same seed)."""
     import signal
@@ -717,11 +732,11 @@ def test_planner_with_the_simulator_as_model_solves_reach():
 
 @needs_pusht
 def test_pusht_recording_aligns_frames_and_actions(tmp_path):
-    ep = data.generate_pusht_episode(3, T=12)
+    ep = pusht.generate_pusht_episode(3, T=12)
     assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
     # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
     assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
-    sim = data.PushT(seed=3)
+    sim = pusht.PushT(seed=3)
     assert np.array_equal(sim.render(), ep['frames'][0])
     for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
         assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
@@ -733,7 +748,7 @@ def test_pusht_recording_aligns_frames_and_actions(tmp_path):
     r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
     assert r.returncode == 0, r.stderr[-3000:]
     with np.load(tmp_path / 'ep_000001.npz') as z:
-        assert np.array_equal(z['frames'], data.generate_pusht_episode(1, T=6)['frames'])
+        assert np.array_equal(z['frames'], pusht.generate_pusht_episode(1, T=6)['frames'])
     code = 'import sys, data; assert "gym_pusht" not in sys.modules and "pymunk" not in sys.modules'
     assert subprocess.run([sys.executable, '-c', code], cwd=HERE).returncode == 0
 
@@ -743,7 +758,7 @@ def test_pusht_task_goal_is_the_envs_goal_pose():
     task = plan.pusht_task(0, res=16)
     assert task.goal.shape == (16, 16, 3)
     assert 0.3 < task.result()['coverage'] < 0.8 and not task.result()['success']
-    sim = data.PushT()
+    sim = pusht.PushT()
     sim.reset(state=[100, 100, *sim.env.goal_pose])  # reset_to_state, corrected for the T's centre of gravity
     assert sim.coverage() > 0.999 and sim.success()
 
@@ -765,3 +780,42 @@ def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
     assert gif.shape == (5, 2 * 16, 2 * (3 * 16 + 2), 3)
     bad = run('plan.py', f'--ckpt={tiny_ckpt}', '--tasks=fly')
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments.py: the whole runner at toy size, then its resume
+
+def test_experiments_runner_writes_results_and_resumes(tmp_path):
+    res_dir, runs_dir = tmp_path / 'results', tmp_path / 'runs'
+    cmd = [sys.executable, os.path.join(HERE, 'experiments.py'), '--envs=sim', '--seeds=0,1',
+           '--schedules=init,cola,two_stage', '--budget=7', '--warmup=2', '--pretrain_steps=2', '--res=16',
+           '--train_args=' + ' '.join(TINY_TRAIN[1:13]), '--eval_args=' + ' '.join(FAST + ['--adapter_steps=5',
+           '--n_episodes=4']), '--plan_args=--n_tasks=1 --max_steps=2 --horizon=2 --exec_steps=1 --n_samples=4',
+           '--workers=2', f'--runs_dir={runs_dir}', f'--out_dir={res_dir}']
+    env = {**os.environ, 'COLA_DATA': str(tmp_path / 'cache')}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {f: json.load(open(res_dir / 'sim' / f)) for f in ('cola_s0.json', 'cola_s1.json', 'two_stage_s0.json')}
+    cola_run = runs['cola_s0.json']
+    assert [c['phase'] for c in cola_run['curves']] == ['warmup'] * 2 + ['joint'] * 5
+    assert 'eval_warmup' in cola_run and 'eval_warmup' not in runs['two_stage_s0.json']
+    assert cola_run['eval']['probe_r2'] <= 1 and 0 <= cola_run['plan']['reach_ours_success'] <= 1
+    assert runs['cola_s0.json']['curves'] != runs['cola_s1.json']['curves']  # seeds differ
+    table = open(res_dir / 'results.md').read()
+    assert '| cola | warm-up 2 + joint 5 | 2 |' in table and '| two_stage | LAM 3 + WM 4 | 2 |' in table
+    assert '| init | none: the pretrained WM, a random IDM | 2 |' in table
+    init = json.load(open(res_dir / 'sim' / 'init_s1.json'))
+    # zero-init modulation: the actions change nothing yet (the gap left is the two rollouts' different noise draws)
+    assert init['curves'] == [] and abs(init['eval']['psnr_gain_over_null']) < 0.05
+    assert torch.equal(torch.load(runs_dir / 'sim' / 'init_s1' / 'ckpt.pt', weights_only=False)['wm']['pos_time'],
+                       torch.load(runs_dir / 'sim' / 'pretrain' / 'ckpt.pt', weights_only=False)['wm']['pos_time'])
+    if importlib.util.find_spec('matplotlib'):
+        assert (res_dir / 'sim_codebook.png').stat().st_size > 0 and (res_dir / 'sim_grads.png').exists()
+    # resume: finished runs are skipped; a run whose JSON is gone is redone from its checkpoint, same figures
+    os.remove(res_dir / 'sim' / 'cola_s1.json')
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(': skipped') == 5 and 'sim cola seed 1: done' in r.stdout
+    again = json.load(open(res_dir / 'sim' / 'cola_s1.json'))
+    figures = lambda e: {k: v for k, v in e.items() if k != 'wall_s'}
+    assert figures(again['eval']) == figures(runs['cola_s1.json']['eval']) and again['curves'] == runs['cola_s1.json']['curves']

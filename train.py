@@ -4,6 +4,7 @@ Train CoLA-World: the latent action model (LAM) learns through the world model (
   python train.py                                  # CPU default: pretrain -> warm-up -> joint, built-in data
   python train.py --mode=two_stage                 # the baseline: LAM + decoder, then WM on frozen latents
   python train.py --warmup_steps=0                 # naive joint training (the paper: it collapses)
+  python train.py --mode=frozen_lam                # control: warm-up, then the WM alone on the frozen LAM
   torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
 
 Phases, in the order the paper runs them (PHASES below says what each one trains):
@@ -44,7 +45,7 @@ init_from = ''          # start from this checkpoint's world model (then pretrai
 resume = False          # continue out_dir/ckpt.pt exactly where it stopped
 log_interval = 10       # steps between log.jsonl records
 ckpt_interval = 250     # steps between checkpoints
-mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain'
+mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam'
 pretrain_steps = 600
 warmup_steps = 150
 joint_steps = 350
@@ -99,7 +100,10 @@ PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'ac
           'lam': ('lam',), 'wm': ('action', 'wm')}
 SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
              'cola': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('joint', joint_steps)],
-             'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)]}
+             'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)],
+             # the paper's Fig. 4b control: after the warm-up only the WM (and action modules) train on the
+             # frozen LAM's latents; joint_steps counts those WM steps
+             'frozen_lam': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('wm', joint_steps)]}
 if mode not in SCHEDULES:
     fail(f"--mode must be one of {', '.join(SCHEDULES)}, got {mode!r}")
 schedule = [(p, n) for p, n in SCHEDULES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
@@ -321,6 +325,8 @@ for phase, n_steps in schedule:
     bar.close()
     if master:
         print(f"{phase}: {n_steps} steps in {time.time() - t_phase:.0f} s, final loss {loss:.4f}")
+if end == 0 and start is None:  # no steps at all (e.g. --init_from with 0 warm-up and joint steps): save the
+    save(schedule[0][0], start_phase(schedule[0][0])[0])  # starting point, so that eval.py can measure it
 
 # ----------------------------------------------------------------------------------------------------
 # summary on held-out episodes: does the latent-action-driven rollout beat copying the last frame?
