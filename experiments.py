@@ -330,7 +330,8 @@ if not report_only:
             bar.update(1)
             bar.write(f"{env} {n} seed {s}: {status} ({time.time() - t0:.0f} s)")
         bar.close()
-write_report(*load_results())
-plot(load_results()[0])
+results, refs = load_results()
+write_report(results, refs)
+plot(results)
 if not report_only and failed:
     fail(f"{len(failed)} runs failed ({'; '.join(failed)}): their logs are under {runs_dir}; rerun to retry them")
