@@ -93,6 +93,12 @@ def run(cmd, log_path, want_json=False):
             raise RuntimeError(f"{shlex.join(cmd)} did not end its output with a JSON line; log {log_path}") from None
 
 
+def train(flags, out_dir_, log_path):
+    """train.py with flags into out_dir_, continuing its checkpoint when there is one."""
+    run([*flags, f'--out_dir={out_dir_}', *(['--resume'] if os.path.exists(os.path.join(out_dir_, 'ckpt.pt')) else [])],
+        log_path)
+
+
 def write_json(obj, path):
     """Write to a temporary file, then rename: a JSON that exists is a finished run."""
     with open(path + '.tmp', 'w') as f:
@@ -114,9 +120,8 @@ def prepare_env(env):
         data = [f'--data={data_dir}']
     pre = os.path.join(root, 'pretrain')
     flags = ['train.py', *shlex.split(train_args), f'--res={res}', *data, '--eval_clips=0']
-    resume = ['--resume'] if os.path.exists(os.path.join(pre, 'ckpt.pt')) else []
-    run([*flags, '--seed=0', '--mode=pretrain', f'--pretrain_steps={pretrain_steps}', f'--out_dir={pre}', *resume],
-        os.path.join(root, 'pretrain.txt'))
+    train([*flags, '--seed=0', '--mode=pretrain', f'--pretrain_steps={pretrain_steps}'], pre,
+          os.path.join(root, 'pretrain.txt'))
     ref_path = os.path.join(out_dir, env, 'references.json')
     if not os.path.exists(ref_path):
         refs = run(['plan.py', f'--ckpt={pre}/ckpt.pt', f'--tasks={TASKS[env]}', '--planners=random,oracle',
@@ -133,21 +138,19 @@ def train_eval_plan(env, name, seed, flags):
         return 'skipped'
     d, sch = os.path.join(runs_dir, env, f'{name}_s{seed}'), SCHEDULES[name]
     os.makedirs(d, exist_ok=True)
-    base = [*flags, f'--seed={seed}', f'--out_dir={d}', f'--init_from={runs_dir}/{env}/pretrain/ckpt.pt',
+    base = [*flags, f'--seed={seed}', f'--init_from={runs_dir}/{env}/pretrain/ckpt.pt',
             *(f'--{k}={v}' for k, v in sch.items())]
-    result = dict(env=env, schedule=name, seed=seed, train_flags=base[1:])
-    ckpt, warm = os.path.join(d, 'ckpt.pt'), sch.get('warmup_steps', 0)
-    if warm and sch['joint_steps']:  # alignment at the end of the warm-up: the same run, stopped there
+    result = dict(env=env, schedule=name, seed=seed, train_flags=[*base[1:], f'--out_dir={d}'])
+    ckpt = os.path.join(d, 'ckpt.pt')
+    evaluate = lambda log: run(['eval.py', f'--ckpt={ckpt}', *shlex.split(eval_args)], os.path.join(d, log), True)
+    if sch.get('warmup_steps') and sch['joint_steps']:  # alignment at the end of the warm-up: the run, stopped there
         warm_json = os.path.join(d, 'eval_warmup.json')
         if not os.path.exists(warm_json):
-            resume = ['--resume'] if os.path.exists(ckpt) else []
-            run([*base, '--joint_steps=0', *resume], os.path.join(d, 'train_warmup.txt'))
-            write_json(run(['eval.py', f'--ckpt={ckpt}', *shlex.split(eval_args)], os.path.join(d, 'eval_warmup.txt'),
-                           True), warm_json)
+            train([*base, '--joint_steps=0'], d, os.path.join(d, 'train_warmup.txt'))
+            write_json(evaluate('eval_warmup.txt'), warm_json)
         result['eval_warmup'] = json.load(open(warm_json))
-    resume = ['--resume'] if os.path.exists(ckpt) else []
-    run([*base, *resume], os.path.join(d, 'train.txt'))
-    result['eval'] = run(['eval.py', f'--ckpt={ckpt}', *shlex.split(eval_args)], os.path.join(d, 'eval.txt'), True)
+    train(base, d, os.path.join(d, 'train.txt'))
+    result['eval'] = evaluate('eval.txt')
     result['plan'] = run(['plan.py', f'--ckpt={ckpt}', f'--tasks={TASKS[env]}', '--planners=ours',
                           *shlex.split(plan_args), f'--seed={seed}', f'--out_dir={d}/plans'], os.path.join(d, 'plan.txt'), True)
     by_step = {}  # a resumed run may have logged a step twice: keep the last record
@@ -271,8 +274,8 @@ def curve(runs, key):
     """(steps, mean, std) of a logged quantity over the seeds of one schedule, on the steps all have."""
     per_run = [{c['step']: c[key] for c in r['curves'] if key in c} for r in runs]
     steps = sorted(set.intersection(*(set(p) for p in per_run)))
-    v = np.array([[p[s] for s in steps] for p in per_run])
-    return np.array(steps), v.mean(0) if len(steps) else v, v.std(0) if len(steps) else v
+    v = np.array([[p[s] for s in steps] for p in per_run])  # (seeds, steps)
+    return np.array(steps), v.mean(0), v.std(0)
 
 
 def plot(results):
@@ -292,7 +295,7 @@ def plot(results):
                     s, m, sd = curve(runs, key)
                     if log_y:  # frozen phases log a zero norm: leave them out rather than plunge to -inf
                         m = np.where(m > 0, m, np.nan)
-                    if len(s) and not np.isnan(m).all():
+                    if not np.isnan(m).all():  # e.g. `init`: no curves
                         ax.plot(s, m, label=name, lw=1.3)
                         ax.fill_between(s, m - sd, m + sd, alpha=0.15)
                 ax.set_title(f'{env}: {key} (mean ± std over seeds)', fontsize=9)
