@@ -17,18 +17,19 @@ from lam import LAM, LAMConfig, code_stats
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
 
 # settings that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them
-SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width', 'act_depth',
+SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'n_heads', 'act_width', 'act_depth',
               'n_action_tokens', 'action_dim', 'quantizer', 'codebook_size', 'fsq_levels')
 
 
 def model_configs(s):
     """Settings dict -> (WMConfig, LAMConfig). Size keys left None take the value of `s['preset']`."""
-    if s['preset'] not in PRESETS:
-        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {s['preset']!r}")
+    if s.get('preset') not in PRESETS:
+        raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {s.get('preset')!r}")
     sizes = {k: (PRESETS[s['preset']][k] if s.get(k) is None else s[k]) for k in PRESETS[s['preset']]}
     pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__}
     wm_cfg = WMConfig(**pick(WMConfig))
-    lam_cfg = LAMConfig(**pick(LAMConfig), max_frames=wm_cfg.n_frames)
+    old = {} if 'idm_depth' in s else dict(idm_depth=sizes['depth'])  # checkpoints from before idm_depth
+    lam_cfg = LAMConfig(**{**pick(LAMConfig), **old}, max_frames=wm_cfg.n_frames)
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")
     return wm_cfg, lam_cfg
@@ -64,7 +65,11 @@ def load_checkpoint(path, device='cpu'):
 def check_compatible(ckpt, s, path, modules=('wm', 'lam')):
     """Raise if the checkpoint's shapes for `modules` differ from the settings `s` (both resolved by
     preset). --init_from takes only the world model, so only its shape has to agree."""
-    mine, theirs = (dict(zip(('wm', 'lam'), model_configs(c))) for c in (s, ckpt['config']))
+    mine = dict(zip(('wm', 'lam'), model_configs(s)))
+    try:
+        theirs = dict(zip(('wm', 'lam'), model_configs(ckpt['config'])))
+    except (ValueError, TypeError) as e:  # written by another version of the code
+        raise ValueError(f"checkpoint {path} has a config this code cannot read ({e})") from None
     bad = [f"{k}: checkpoint {getattr(theirs[m], k)!r} vs now {getattr(mine[m], k)!r}"
            for m in modules for k in SHAPE_KEYS if k in mine[m].__dataclass_fields__
            and getattr(mine[m], k) != getattr(theirs[m], k)]
@@ -78,7 +83,8 @@ def open_run(ckpt, data, device, split='val', horizon=None, seed=0):
     Clips have n_context + horizon frames, or one training window when horizon is None."""
     models, settings = load_models(ckpt, device)
     wm_cfg, _ = model_configs(settings)
-    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, clip_len=wm_cfg.n_frames)
+    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
+                            world=settings.get('world', 'small'), policy=settings.get('policy', 'explore'))
     clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
     return models, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
 
@@ -183,7 +189,7 @@ def episode_latents(lam, sampler, ids, device='cpu', chunk=16):
 
 
 @torch.inference_mode()
-def simulate(models, clips, z, n_steps=10, cfg_scale=4.0, seed=0):
+def simulate(models, clips, z, n_steps=2, cfg_scale=1.0, seed=0):
     """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
     actions z (B, L-1, n_tok, d), or by the null action when z is None. Returns all L frames, context
     first; the noise comes from a generator seeded with `seed`, so a rollout is reproducible."""
@@ -192,16 +198,34 @@ def simulate(models, clips, z, n_steps=10, cfg_scale=4.0, seed=0):
                    cfg_scale=cfg_scale, generator=torch.Generator(clips.device).manual_seed(seed))
 
 
-def rollout_psnr(models, clips, null=False, n_steps=10, cfg_scale=4.0, seed=0):
-    """train.py's summary: roll out with the IDM's latent actions inferred from the ground truth (or the
-    null action when `null`). Returns per-step PSNR lists (length L - n_context) for the model and for
-    copy-last-frame, the frames, and the codes."""
+def rollout_psnr(models, clips, null=False, n_steps=2, cfg_scale=1.0, seed=0, actions=None):
+    """train.py's summary: roll out with the IDM's latent actions inferred from the ground truth, or with
+    the real `actions` (B, L-1, A) when given (--mode=actions), or with the null action when `null`.
+    Returns per-step PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames,
+    and the codes."""
     nc = models['wm'].cfg.n_context
-    acts = None if null else latent_actions(models['lam'], clips)
-    gen = simulate(models, clips, None if null else acts['z'], n_steps, cfg_scale, seed)
+    acts = None if null or actions is not None else latent_actions(models['lam'], clips)
+    z = real_latents(actions, models['lam'].cfg) if actions is not None else acts and acts['z']
+    gen = simulate(models, clips, z, n_steps, cfg_scale, seed)
     return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
                 psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),
-                frames=gen, codes=None if null else acts['codes'])
+                frames=gen, codes=acts and acts['codes'])
+
+
+def real_latents(actions, lam_cfg):
+    """Real actions (B, L, A) -> the latent-action slot (B, L, n_tok, d): the action's A numbers in the first
+    channels of token 0, zeros elsewhere. The world model then takes real actions through the very path
+    latent actions take (ActionEncoder's input layer is linear, so this is a learned linear embedding of
+    the real action), with the same weight shapes: --mode=actions checkpoints load wherever CoLA's do."""
+    slot = lam_cfg.n_action_tokens * lam_cfg.action_dim
+    if actions is None or actions.shape[-1] == 0:
+        raise ValueError("--mode=actions needs data with actions (.npz episodes with an 'actions' array)")
+    if actions.shape[-1] > slot:
+        raise ValueError(f"actions have {actions.shape[-1]} dims, more than the latent-action slot's "
+                         f"n_action_tokens x action_dim = {slot}")
+    z = actions.new_zeros(*actions.shape[:-1], slot)
+    z[..., :actions.shape[-1]] = actions
+    return z.view(*actions.shape[:-1], lam_cfg.n_action_tokens, lam_cfg.action_dim)
 
 
 def codebook_health(codes, size):

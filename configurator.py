@@ -34,8 +34,10 @@ def parse_value(key, raw, default):
         val = float(val)
     elif isinstance(default, str) and not isinstance(val, str):
         val = raw  # e.g. --out_dir=123 is the string '123'
-    elif isinstance(default, tuple) and isinstance(val, (list, int)):
-        val = tuple(val) if isinstance(val, list) else (val,)
+    elif isinstance(default, tuple) and isinstance(val, (list, int, str)):
+        # a comma list of bare words (--presets=cpu,base or --presets=base) is a tuple of strings
+        val = tuple(val) if isinstance(val, list) else (val,) if isinstance(val, int) else \
+            tuple(w.strip() for w in raw.split(',') if w.strip())
     if default is not None and type(val) is not type(default):
         fail(f"--{key}={raw}: expected {type(default).__name__}, like the default {default!r}")
     return val

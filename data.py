@@ -19,7 +19,17 @@ from tqdm import tqdm
 MAX_BLOCKS = 3
 STATE_DIM = 2 + 2 * MAX_BLOCKS  # agent xy, then block xy (zeros for absent blocks)
 ACTION_DIM = 2
-SPEED = 3 / 64                  # world units per step at |action| = 1: ~3 px at 64 px
+# Worlds: the ranges bodies are drawn from and the agent's speed (world units per step at |action| = 1; the
+# arena is 1 wide). In 'big', the default, the agent is about 1/4 of the arena across and moves 40% of its
+# radius a step, so the action explains much of a frame's change: at CPU scale nothing learned latent
+# actions in 'small' (README, "The latent action model"). 'small' is the original, harder setting: an agent
+# of ~1% of the frame moving ~3 px a step at 64 px.
+# Recorded frames carry a camera's sensor noise (std in intensity levels of 255). Without it a still frame
+# repeats its predecessor exactly, and copy-last-frame scores the PSNR cap (100 dB) there, which no learned
+# model can: at 7% still transitions that alone put copy-last 5 dB ahead (README, "The world model").
+SENSOR_NOISE = 2.0
+WORLDS = {'big': dict(agent_r=(0.11, 0.13), block_h=(0.07, 0.1), max_blocks=2, speed=6 / 64),
+          'small': dict(agent_r=(0.05, 0.075), block_h=(0.06, 0.1), max_blocks=3, speed=3 / 64)}
 TOL = 0.05                      # default success tolerance (world units, ~3 px at 64 px)
 EPS = 1e-6                      # contact slack: float32-rounded positions may overlap by ~1e-8
 INDEX = 'index.json'
@@ -44,18 +54,21 @@ class PushSim:
     set_state(get_state()) reproduces the simulator exactly.
     """
 
-    def __init__(self, res=64, seed=0):
-        self.res = res
+    def __init__(self, res=64, seed=0, world='big'):
+        if world not in WORLDS:
+            raise ValueError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
+        self.res, self.world = res, WORLDS[world]
+        self.speed = self.world['speed']
         self.reset(seed)
 
     def reset(self, seed):
         """New episode: sizes, layout and appearance all drawn from `seed`."""
-        rng = np.random.default_rng(seed)
+        rng, w = np.random.default_rng(seed), self.world
         # Layout first, texture last: the texture draws res-dependent noise, and drawing it last keeps the
         # dynamics of an episode identical at every resolution.
-        self.n_blocks = int(rng.integers(1, MAX_BLOCKS + 1))
-        self.r = _f32(rng.uniform(0.05, 0.075))                        # agent radius
-        self.h = [_f32(v) for v in rng.uniform(0.06, 0.1, MAX_BLOCKS)]  # block half-sizes
+        self.n_blocks = int(rng.integers(1, w['max_blocks'] + 1))
+        self.r = _f32(rng.uniform(*w['agent_r']))                           # agent radius
+        self.h = [_f32(v) for v in rng.uniform(*w['block_h'], MAX_BLOCKS)]  # block half-sizes
         self.half = [self.r] + self.h[:self.n_blocks]                   # bounding-box half-size per body
         self.pos = []                                                   # [[x, y]] agent, then blocks
         for i, s in enumerate(self.half):
@@ -72,13 +85,8 @@ class PushSim:
                 if all(np.abs(c - o).sum() > 150 for o in [bg] + colors):
                     break
             colors.append(c)
-        self.colors = [c.astype(np.uint8) for c in colors]
+        self.colors = [c.astype(np.float32) for c in colors]
         self._bg = self._texture(rng, bg)
-        R = self.res
-        m = max(2, round(2 * self.r * R))
-        yy, xx = np.mgrid[0:m, 0:m] + 0.5 - m / 2
-        self._masks = [yy ** 2 + xx ** 2 <= (self.r * R) ** 2]  # agent disk, then block squares
-        self._masks += [np.ones((max(2, round(2 * h * R)),) * 2, bool) for h in self.h[:self.n_blocks]]
         return self.render()
 
     def _texture(self, rng, bg):
@@ -107,7 +115,7 @@ class PushSim:
 
     def step(self, action):
         """Apply a velocity action in [-1,1]^2 (clipped) and return the new frame (H, W, 3) uint8."""
-        a = np.clip(np.asarray(action, np.float64), -1, 1) * SPEED
+        a = np.clip(np.asarray(action, np.float64), -1, 1) * self.speed
         for k in (0, 1):
             self._move_agent(k, float(a[k]))
         self.pos = [[_f32(x), _f32(y)] for x, y in self.pos]
@@ -138,15 +146,34 @@ class PushSim:
         return max(0.0, min(want, room))
 
     def render(self):
-        """The current frame, (res, res, 3) uint8: the pre-rendered background plus masked bodies."""
-        img, R = self._bg.copy(), self.res
+        """The current frame, (res, res, 3) uint8: the pre-rendered background, then each body blended in by
+        the fraction of every pixel it covers (analytic anti-aliasing), so that a motion of a fraction of a
+        pixel still changes the frame, in proportion."""
+        img, R = self._bg.astype(np.float32), self.res
         for i in list(range(1, 1 + self.n_blocks)) + [0]:  # agent drawn on top
-            mask, (x, y) = self._masks[i], self.pos[i]
-            x0, y0 = round(x * R - mask.shape[1] / 2), round(y * R - mask.shape[0] / 2)
-            xs, ys = max(x0, 0), max(y0, 0)
-            xe, ye = min(x0 + mask.shape[1], R), min(y0 + mask.shape[0], R)
-            img[ys:ye, xs:xe][mask[ys - y0:ye - y0, xs - x0:xe - x0]] = self.colors[i]
-        return img
+            c, s = np.array(self.pos[i]) * R, self.half[i] * R  # centre and half-size in pixels
+            x0, y0 = (max(0, int(v - s - 1)) for v in c)
+            x1, y1 = (min(R, int(v + s + 2)) for v in c)
+            dx, dy = np.arange(x0, x1) + 0.5 - c[0], np.arange(y0, y1) + 0.5 - c[1]  # pixel centres
+            if i == 0:  # disk: coverage ~ how far inside the rim, over one pixel
+                cover = np.clip(s + 0.5 - np.sqrt(dy[:, None] ** 2 + dx[None] ** 2), 0, 1)
+            else:  # square: the product of the two axes' coverages
+                cover = np.clip(s + 0.5 - np.abs(dy), 0, 1)[:, None] * np.clip(s + 0.5 - np.abs(dx), 0, 1)[None]
+            patch = img[y0:y1, x0:x1]
+            patch += cover[..., None] * (self.colors[i] - patch)
+        return img.round().astype(np.uint8)
+
+
+class RandomPolicy:
+    """i.i.d. moves: each step one of the 9 moves {-1, 0, 1}^2, uniformly. Nothing about an action can be
+    guessed from earlier frames, so this is the clean test of a latent action model: the probe's ceiling
+    is 1 (less the moves a wall or a jammed block swallows)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def act(self, sim):
+        return self.rng.integers(-1, 2, 2).astype(np.float32)
 
 
 class ExplorePolicy:
@@ -196,32 +223,41 @@ class ExplorePolicy:
         if self.phase == 'push':
             if sim._room(i, int(u[1] != 0), u.sum(), 1) < 0.01:
                 self.left = 0  # the block is stuck: start a new segment
-            return u - 0.5 * across / SPEED * w  # push, re-centring on the block
+            return u - 0.5 * across / sim.speed * w  # push, re-centring on the block
         if along > -contact - 0.005:  # not behind: step out of the lane sideways, then walk back along it
             t = (along, np.copysign(1.5 * gap, across)) if abs(across) < gap else (-gap, across)
         else:
             t = (-gap, 0.0)
             if abs(across) < 0.01 and abs(along + gap) < 0.015:
                 self.phase = 'push'
-        return (b + t[0] * u + t[1] * w - a) / SPEED
+        return (b + t[0] * u + t[1] * w - a) / sim.speed
 
 
-def record(sim, policy, T):
-    """Run `policy` in `sim` (PushSim or PushT) for T frames. frames[t+1] is the render after applying
-    actions[t] to states[t]. Returns dict(frames (T,H,W,3) uint8, actions (T-1,2), states (T,S) float32)."""
+def record(sim, policy, T, rng, noise=SENSOR_NOISE):
+    """Run `policy` in `sim` (PushSim or PushT) for T frames, as a camera sees them: each frame gets sensor
+    noise (Gaussian, `noise` intensity levels of 255, drawn from rng). frames[t+1] is the render after
+    applying actions[t] to states[t]. Returns dict(frames (T,H,W,3) uint8, actions (T-1,2), states (T,S))."""
     frames, states, actions = [sim.render()], [sim.get_state()], []
     for _ in range(T - 1):
         actions.append(policy.act(sim))
         frames.append(sim.step(actions[-1]))
         states.append(sim.get_state())
-    return dict(frames=np.stack(frames), actions=np.stack(actions).astype(np.float32),
-                states=np.stack(states).astype(np.float32))
+    frames = np.stack(frames)
+    frames = np.clip(frames + rng.normal(0, noise, frames.shape).round(), 0, 255).astype(np.uint8)
+    return dict(frames=frames, actions=np.stack(actions).astype(np.float32), states=np.stack(states).astype(np.float32))
 
 
-def generate_episode(seed, T=48, res=64):
-    """One exploration episode of the built-in simulator: record()'s dict, states (T,8), plus n_blocks."""
-    sim = PushSim(res, seed)
-    return dict(record(sim, ExplorePolicy(np.random.default_rng([seed, 1])), T), n_blocks=sim.n_blocks)
+POLICIES = {'explore': ExplorePolicy, 'random': RandomPolicy}
+
+
+def generate_episode(seed, T=48, res=64, world='big', policy='explore', noise=SENSOR_NOISE):
+    """One episode of the built-in simulator under `policy` ('explore' or 'random', POLICIES): record()'s
+    dict, states (T,8), plus n_blocks. noise=0 gives the simulator's exact renders."""
+    if policy not in POLICIES:
+        raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    sim = PushSim(res, seed, world)
+    return dict(record(sim, POLICIES[policy](np.random.default_rng([seed, 1])), T, np.random.default_rng([seed, 2]), noise),
+                n_blocks=sim.n_blocks)
 
 
 def _episode_seed(seed, i):
@@ -243,14 +279,14 @@ def task_success(family, state, goal_state, n_blocks, tol=TOL):
     return ok if ok.ndim else bool(ok)
 
 
-def make_task(family, seed, horizon=24, res=64, tol=TOL):
+def make_task(family, seed, horizon=24, res=64, tol=TOL, world='big'):
     """A planning task with a reachable goal: from the start, run the exploration policy (push: scripted
     pushes only) for `horizon` steps, retrying until the goal is > 2*tol from the start; a start where that
     fails (blocks jammed in corners) is replaced by the next one. `actions` is one plan that reaches the goal.
     Episode seeds start at 1e9, away from the training episodes' seeds."""
     for k in range(10):
         episode_seed = 10 ** 9 + 100 * seed + k
-        sim = PushSim(res, episode_seed)
+        sim = PushSim(res, episode_seed, world)
         start, start_frame = sim.get_state(), sim.render()
         for attempt in range(20):
             sim.set_state(start)
@@ -261,7 +297,7 @@ def make_task(family, seed, horizon=24, res=64, tol=TOL):
                 sim.step(actions[t])
             goal = sim.get_state()
             if not task_success(family, start, goal, sim.n_blocks, 2 * tol):
-                return dict(family=family, seed=seed, episode_seed=episode_seed, res=res, horizon=horizon,
+                return dict(family=family, seed=seed, episode_seed=episode_seed, res=res, world=world, horizon=horizon,
                             n_blocks=sim.n_blocks, tol=tol, start_state=start, goal_state=goal,
                             start_frame=start_frame, goal_frame=sim.render(), actions=actions)
     raise RuntimeError(f"no {family} task found for seed {seed} within horizon {horizon}")
@@ -407,22 +443,22 @@ def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_00
     return _pack(out_dir, res, episodes(), shard_frames, src, [os.path.basename(f) for f in files])
 
 
-def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, shard_frames=20_000):
+def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, world='big', policy='explore', shard_frames=20_000):
     """Simulator episodes straight into shards (same episodes as `python data.py --seed=seed`)."""
-    eps = ((f'sim_{i:06d}', generate_episode(_episode_seed(seed, i), T, res))
+    eps = ((f'sim_{i:06d}', generate_episode(_episode_seed(seed, i), T, res, world, policy))
            for i in tqdm(range(episodes), desc='simulating'))
-    return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed})')
+    return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed}, world={world}, policy={policy})')
 
 
-def default_dataset(res=64, episodes=300, T=48, seed=0, root=None):
+def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, world='big', policy='explore'):
     """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
     It is built in a private temp dir and renamed into place, so concurrent callers (DDP ranks) are safe."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
-    out = os.path.join(root, f'sim_res{res}_ep{episodes}_T{T}_seed{seed}')
+    out = os.path.join(root, f'sim_{world}_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
     if os.path.exists(os.path.join(out, INDEX)):
         return out
     tmp = f'{out}.tmp{os.getpid()}'
-    prepare_from_sim(tmp, episodes, T, res, seed)
+    prepare_from_sim(tmp, episodes, T, res, seed, world, policy)
     if os.path.isdir(out) and not os.path.exists(os.path.join(out, INDEX)):
         shutil.rmtree(out)  # not a dataset: no index
     try:
@@ -432,11 +468,12 @@ def default_dataset(res=64, episodes=300, T=48, seed=0, root=None):
     return out
 
 
-def resolve_data(data_dir, res, clip_len=None, skip_bad=False):
-    """The prepared dir for --data: None -> the built-in dataset; a prepared folder -> itself; a folder of
-    episodes -> prepared once into <data_dir>/.prepared_<res> (redone when its file list changes)."""
+def resolve_data(data_dir, res, clip_len=None, skip_bad=False, world='big', policy='explore'):
+    """The prepared dir for --data: None -> the built-in dataset of that world and policy; a prepared folder
+    -> itself; a folder of episodes -> prepared once into <data_dir>/.prepared_<res> (redone when its file
+    list changes)."""
     if data_dir is None:
-        return default_dataset(res)
+        return default_dataset(res, world=world, policy=policy)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data={data_dir}: no such folder")
     if os.path.exists(os.path.join(data_dir, INDEX)):
@@ -476,6 +513,7 @@ class ClipSampler:
                        for s in meta['shards']]
         load = lambda key: np.load(os.path.join(prepared_dir, f'{key}s.npy'), mmap_mode='r') if meta[f'{key}_dim'] else None
         self.actions, self.states = load('action'), load('state')  # (N_frames, A), (N_frames, S)
+        self.action_dim = meta['action_dim']
         n = len(self.index)
         n_val = min(n - 1, max(1, round(val_frac * n))) if n >= 2 and val_frac > 0 else 0
         perm = np.random.default_rng(SPLIT_SEED).permutation(n)
@@ -523,16 +561,17 @@ class ClipSampler:
 
 # ----------------------------------------------------------------------------- command line
 
-def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim'):
-    """Episodes of the built-in simulator (env='sim') or of PushT ('pusht') as ep_XXXXXX.npz files (frames,
-    actions, states; n_blocks for sim), each written atomically."""
+def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', world='big', policy='explore'):
+    """Episodes of the built-in simulator (env='sim', in `world` under `policy`) or of PushT ('pusht') as
+    ep_XXXXXX.npz files (frames, actions, states; n_blocks for sim), each written atomically."""
     if env == 'pusht':
-        from pusht import generate_pusht_episode as generate  # here, not at the top: pusht.py imports data.py
+        from pusht import generate_pusht_episode  # here, not at the top: pusht.py imports data.py
+        generate = lambda s: generate_pusht_episode(s, T, res)
     else:
-        generate = generate_episode
+        generate = lambda s: generate_episode(s, T, res, world, policy)
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):
-        ep = generate(_episode_seed(seed, i), T, res)
+        ep = generate(_episode_seed(seed, i))
         _atomic_save(os.path.join(out_dir, f'ep_{i:06d}.npz'), lambda f: np.savez(f, **ep))
 
 
@@ -565,6 +604,9 @@ def main(argv=None):
     p.add_argument('--out_dir')
     p.add_argument('--episodes', type=int, default=300)
     p.add_argument('--env', choices=['sim', 'pusht'], default='sim', help='generate: built-in simulator or PushT')
+    p.add_argument('--world', choices=list(WORLDS), default='big', help='generate: the simulator world (WORLDS)')
+    p.add_argument('--policy', choices=list(POLICIES), default='explore',
+                   help='generate: exploration (smooth motion and pushes) or random (i.i.d. moves each step)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--T', type=int, default=48)
     p.add_argument('--res', type=int, default=64)
@@ -580,7 +622,7 @@ def main(argv=None):
     if args.command == 'prepare':
         prepare(args.src, args.out_dir, args.res, args.clip_len, args.skip_bad)
     else:
-        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env)
+        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env, args.world, args.policy)
 
 
 if __name__ == '__main__':

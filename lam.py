@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from model import AttentionPool, Block, STBlock, patchify, sincos_2d, unpatchify
+from model import AttentionPool, Block, patchify, sincos_2d, unpatchify
 
 
 @dataclass
@@ -21,22 +22,24 @@ class LAMConfig:
     res: int = 64                # frame side in pixels
     patch: int = 8
     channels: int = 3
-    max_frames: int = 16         # longest clip the temporal position embedding covers
+    max_frames: int = 16         # longest clip the IDM takes at once (longer episodes go in windows)
     width: int = 128
-    depth: int = 4
+    depth: int = 4               # (the world model's; the decoder uses dec_depth, the IDM idm_depth)
+    idm_depth: int = 2           # spatial blocks of the IDM's per-frame encoder
     n_heads: int = 4
     n_action_tokens: int = 2     # tokens per latent action
     action_dim: int = 32         # channels per token
     quantizer: str = 'vq'        # 'vq' | 'fsq' | 'none' (continuous, for ablations)
     codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
     fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
-    dead_code_restart: bool = False  # OFF by default so the paper's collapse stays observable
-    crop_min: float = 0.8        # random-crop augmentation keeps this fraction of the side, at least
+    dead_code_restart: bool = True   # VQ entries unused in a batch move onto encoder outputs (counted in the log)
+    crop_min: float = 1.0        # random-crop augmentation keeps this fraction of the side, at least
     dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantizers: each maps z_e (..., d) -> (z_q, codes, codebook_loss, commit_loss)
+# quantizers: each maps z_e (..., d) -> (z_q, codes, codebook_loss, commit_loss), and relax(z_e) gives the
+# continuous value it would quantize (the soft-to-hard start of LAM.forward)
 
 class VQ(nn.Module):
     """Vector quantizer (van den Oord et al. 2017) with a straight-through gradient.
@@ -52,6 +55,7 @@ class VQ(nn.Module):
         # encoder output is decided by its direction and every entry is reachable from step 0
         self.codebook = nn.Parameter(torch.empty(size, dim).uniform_(-1 / size, 1 / size))
         self.dead_code_restart = dead_code_restart
+        self.restarts = 0  # entries moved by restart_dead since the trainer last read (and reset) this
 
     def forward(self, z):
         flat = z.reshape(-1, z.shape[-1]).float()  # (M, d)
@@ -66,12 +70,24 @@ class VQ(nn.Module):
 
     @torch.no_grad()
     def restart_dead(self, flat, codes):
-        """Move entries unused in this batch onto random encoder outputs of the batch."""
-        dead = torch.bincount(codes, minlength=self.size) == 0
+        """Move entries unused in this batch onto random encoder outputs of the batch. Under DDP an entry is
+        dead when no rank used it, rank 0 picks the outputs and sends the codebook to the others, so that
+        the ranks' weights stay identical."""
+        counts = torch.bincount(codes, minlength=self.size)
+        ddp = dist.is_available() and dist.is_initialized()
+        if ddp:
+            dist.all_reduce(counts)
+        dead = counts == 0
         n = int(dead.sum())
         if n:
             pick = torch.randint(len(flat), (n,), device=flat.device)
             self.codebook.data[dead] = flat[pick].to(self.codebook.dtype)
+            self.restarts += n
+            if ddp:
+                dist.broadcast(self.codebook.data, 0)
+
+    def relax(self, z):
+        return z
 
 
 class FSQ(nn.Module):
@@ -86,16 +102,23 @@ class FSQ(nn.Module):
         self.down = nn.Linear(dim, len(levels))
         self.up = nn.Linear(len(levels), dim)
 
-    def forward(self, z):
+    def bound(self, z):
+        """z (..., dim) -> (..., len(levels)) in the grid's range: tanh-bounded, half-step offset for even L."""
         L = self.levels.float()
         half = (L - 1) * (1 + 1e-3) / 2
         # even level counts need a half-step offset so the rounded grid has exactly L values
         offset = (self.levels % 2 == 0).float() * 0.5
-        bounded = torch.tanh(self.down(z) + torch.atanh(offset / half)) * half - offset
+        return torch.tanh(self.down(z) + torch.atanh(offset / half)) * half - offset
+
+    def forward(self, z):
+        bounded = self.bound(z)
         r = bounded + (bounded.round() - bounded).detach()  # integers in [-L//2, (L-1)//2], straight-through
         codes = ((r.detach() + (self.levels // 2)).long() * self.radix).sum(-1)
         zero = z.new_zeros(())
         return self.up(r / (self.levels // 2)), codes, zero, zero
+
+    def relax(self, z):
+        return self.up(self.bound(z) / (self.levels // 2))
 
 
 class NoQuant(nn.Module):
@@ -105,6 +128,9 @@ class NoQuant(nn.Module):
     def forward(self, z):
         zero = z.new_zeros(())
         return z, None, zero, zero
+
+    def relax(self, z):
+        return z
 
 
 def code_stats(codes, size):
@@ -142,9 +168,13 @@ def random_crop(x, crop_min, generator=None):
 class IDM(nn.Module):
     """Inverse dynamics: clip (B, T, C, H, W) -> continuous latent actions z_e (B, T-1, n_tok, action_dim).
 
-    An ST-transformer with causal temporal attention encodes every frame; for transition t, learned
-    queries attend over the features of frames t and t+1 (tagged by a learned 'which frame' embedding).
-    Causality means action t depends on frames <= t+1 only.
+    A spatial transformer encodes every frame on its own (patches plus absolute 2-D positions), then
+    learned queries attend over the feature DIFFERENCE h(t+1) - h(t) of each transition. Whatever stands
+    still cancels exactly, and a query that weighs the tokens where something changed reads out the
+    difference of their position features: a displacement, linear in the motion. Attending over the
+    features of both frames instead (the first design) lets the latent say where the agent ends up, which
+    serves a decoder as well and is not the action (README, "The latent action model"). Frames are
+    encoded independently, so action t depends on frames t and t+1 only.
     """
 
     def __init__(self, cfg):
@@ -153,24 +183,21 @@ class IDM(nn.Module):
         D = cfg.width
         self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
         self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
-        self.pos_time = nn.Parameter(torch.randn(cfg.max_frames, D) * 0.02)
-        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(Block(D, cfg.n_heads) for _ in range(cfg.idm_depth))
         self.norm = nn.LayerNorm(D)
-        self.pair_tag = nn.Parameter(torch.randn(2, 1, D) * 0.02)  # frame t vs frame t+1
         self.pool = AttentionPool(D, cfg.n_heads, cfg.n_action_tokens)
         self.head = nn.Linear(D, cfg.action_dim)
 
     def forward(self, x):
-        T = x.shape[1]
+        B, T = x.shape[:2]
         if T < 2 or T > self.cfg.max_frames:
             raise ValueError(f"IDM takes clips of 2..{self.cfg.max_frames} frames, got shape {tuple(x.shape)}")
-        h = self.embed(patchify(x, self.cfg.patch)) + self.pos_space + self.pos_time[:T, None]
+        h = self.embed(patchify(x, self.cfg.patch)).flatten(0, 1) + self.pos_space  # (B*T, N, D)
         for blk in self.blocks:
             h = blk(h)
-        h = self.norm(h)  # (B, T, N, D)
-        pairs = torch.cat([h[:, :-1] + self.pair_tag[0], h[:, 1:] + self.pair_tag[1]], dim=2)  # (B, T-1, 2N, D)
-        z = self.pool(pairs.flatten(0, 1))  # (B*(T-1), n_tok, D)
-        return self.head(z).view(x.shape[0], T - 1, self.cfg.n_action_tokens, self.cfg.action_dim)
+        h = self.norm(h).view(B, T, *h.shape[1:])
+        z = self.pool((h[:, 1:] - h[:, :-1]).flatten(0, 1))  # (B*(T-1), n_tok, D)
+        return self.head(z).view(B, T - 1, self.cfg.n_action_tokens, self.cfg.action_dim)
 
 
 class Decoder(nn.Module):
@@ -219,9 +246,20 @@ class LAM(nn.Module):
             raise ValueError(f"--quantizer must be vq, fsq or none, got {cfg.quantizer!r}")
         self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
 
-    def forward(self, frames):
+    def forward(self, frames, p_relax=0.0):
         """frames: (B, T, C, H, W) in [-1, 1] -> z (B, T-1, n_tok, d), codes (B, T-1, n_tok), VQ losses.
+
+        p_relax > 0 (training only) passes each transition's continuous value (quantizer.relax) instead of
+        its quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017). A
+        random IDM's codes say nothing about the motion, so a decoder learns to ignore them and the IDM
+        gets no gradient that would find it; through the continuous path it does, and the trainer lowers
+        p_relax to 0 over the first `quant_anneal` steps (measured: README, "The latent action model").
+        Codes, code statistics and the VQ losses are always those of the quantized path.
         (The trainer applies `random_crop` to the clip first, only while the LAM is being updated, so
         that the IDM and whatever reconstructs the clip see the same crop.)"""
-        z, codes, codebook_loss, commit_loss = self.quantizer(self.idm(frames))
+        z_e = self.idm(frames)
+        z, codes, codebook_loss, commit_loss = self.quantizer(z_e)
+        if self.training and p_relax > 0:
+            relax = torch.rand(z_e.shape[:2], device=z_e.device) < p_relax  # (B, T-1): per transition
+            z = torch.where(relax[..., None, None], self.quantizer.relax(z_e), z)
         return dict(z=z, codes=codes, codebook_loss=codebook_loss, commit_loss=commit_loss)

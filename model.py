@@ -43,6 +43,23 @@ def sincos_2d(n_side, dim):
     return torch.cat(out, dim=1).float()
 
 
+def rope_2d(n_side, head_dim, base=100.0):
+    """2-D rotary position tables (cos, sin), each (n_side*n_side, head_dim/2), for row-major patches: the
+    first half of a head's channel pairs turn with the patch's row, the second half with its column."""
+    assert head_dim % 4 == 0, "head width must be divisible by 4 for 2-D rotary embeddings"
+    freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
+    ys, xs = torch.meshgrid(torch.arange(n_side, dtype=torch.float64), torch.arange(n_side, dtype=torch.float64),
+                            indexing='ij')
+    ang = torch.cat([ys.flatten()[:, None] * freqs, xs.flatten()[:, None] * freqs], 1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def rotate(x, cos, sin):
+    """Apply rotary tables (L, d/2) to x (..., L, d): each channel pair (2i, 2i+1) turns by its angle."""
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
+
+
 # ----------------------------------------------------------------------------------------------------
 # layers
 
@@ -53,15 +70,22 @@ class Attention(nn.Module):
     the flash kernel on H100 (5.7 ms vs 3.4 ms at 4k tokens).
     """
 
-    def __init__(self, dim, n_heads):
+    def __init__(self, dim, n_heads, rope_side=0):
         super().__init__()
         assert dim % n_heads == 0, f"width {dim} not divisible by n_heads {n_heads}"
         self.n_heads = n_heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        self.rope = rope_side > 0
+        if self.rope:
+            cos, sin = rope_2d(rope_side, dim // n_heads)
+            self.register_buffer('cos', cos, persistent=False)
+            self.register_buffer('sin', sin, persistent=False)
 
     def forward(self, x, causal=False):  # x: (B, L, D)
         q, k, v = rearrange(self.qkv(x), 'b l (three h d) -> three b h l d', three=3, h=self.n_heads)
+        if self.rope:
+            q, k = rotate(q, self.cos, self.sin), rotate(k, self.cos, self.sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         return self.proj(rearrange(y, 'b h l d -> b l (h d)'))
 
@@ -102,11 +126,11 @@ class STBlock(nn.Module):
     is added to that modulation: this is where the latent actions enter the world model.
     """
 
-    def __init__(self, dim, n_heads, mlp_ratio=4.0, cond=False):
+    def __init__(self, dim, n_heads, mlp_ratio=4.0, cond=False, rope_side=0):
         super().__init__()
         self.cond = cond
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)
-        self.spatial = Attention(dim, n_heads)
+        self.spatial = Attention(dim, n_heads, rope_side)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)
         self.temporal = Attention(dim, n_heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)

@@ -53,7 +53,7 @@ noise_std = 0.7         # std of the sampled action perturbations (actions live 
 smoothing = 0.8         # correlation of consecutive perturbations (0 = white noise)
 temperature = 0.3       # MPPI: softmax temperature, in units of the samples' cost std
 elite_frac = 0.1        # CEM: fraction of samples the Gaussian is refit to
-sample_steps = 2        # Euler steps per world-model window (eval.py: 10); planning needs speed: on CPU a
+sample_steps = 2        # Euler steps per world-model window (as eval.py); planning needs speed: on CPU a
 cfg_scale = 1.0         # plan takes 4 s at 2 steps, guidance 1 and 17 s at 4 steps, 4.0 (it doubles the batch)
 adapter_episodes = 32   # labelled training episodes the adapter learns from
 adapter_steps = 500     # full-batch Adam steps of the adapter
@@ -115,20 +115,27 @@ class Planner:
 # ----------------------------------------------------------------------------------------------------
 # models: the world model (ours) and the environment itself (oracle), each a cost over action sequences
 
-def world_model_cost(models, adapter, obs, goal, sample_steps=2, cfg_scale=1.0, gen=None):
+def world_model_cost(models, adapter, obs, done, goal, sample_steps=2, cfg_scale=1.0, gen=None):
     """The cost of action sequences under the world model, from the observed frames obs (list of (R, R, 3)
-    uint8, last n_context used) to the goal frame (R, R, 3). The observed transitions keep the IDM's own
-    latent actions; the planned ones go adapter -> the LAM's quantizer, as in eval.py."""
+    uint8, last n_context used; done: the real actions between them, (len(obs) - 1, A)) to the goal frame
+    (R, R, 3). With an adapter, the observed transitions keep the IDM's own latent actions and the planned
+    ones go adapter -> the LAM's quantizer, as in eval.py; without one (a --mode=actions checkpoint) real
+    actions go into the latent-action slot, cola.real_latents."""
     wm, lam = models['wm'], models['lam']
     nc, dev = wm.cfg.n_context, wm.pos_time.device
     ctx = cola.to_model(torch.from_numpy(np.stack(obs[-nc:]))[None], dev)  # (1, nc, 3, R, R)
-    z_ctx = cola.latent_actions(lam, ctx)['z'] if nc > 1 else \
-        ctx.new_zeros(1, 0, lam.cfg.n_action_tokens, lam.cfg.action_dim)  # (1, nc-1, n_tok, d)
+    encode = (lambda a: cola.real_latents(a, lam.cfg)) if adapter is None else (lambda a: lam.quantizer(adapter(a))[0])
+    if nc == 1:
+        z_ctx = ctx.new_zeros(1, 0, lam.cfg.n_action_tokens, lam.cfg.action_dim)
+    elif adapter is None:
+        z_ctx = encode(torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
+    else:
+        z_ctx = cola.latent_actions(lam, ctx)['z']  # (1, nc-1, n_tok, d)
     goal_x = cola.to_model(torch.from_numpy(goal)[None, None], dev)  # (1, 1, 3, R, R)
 
     @torch.inference_mode()
     def cost(a):
-        z_plan = lam.quantizer(adapter(a.to(dev)))[0]  # (N, H, n_tok, d)
+        z_plan = encode(a.to(dev))  # (N, H, n_tok, d)
         z = torch.cat([z_ctx.expand(len(a), -1, -1, -1), z_plan], 1)  # (N, nc-1+H, n_tok, d)
         frames = rollout(wm, models['action'], ctx.expand(len(a), -1, -1, -1, -1), z, n_steps=sample_steps,
                          cfg_scale=cfg_scale, generator=gen)[:, nc:]  # (N, H, 3, R, R)
@@ -156,11 +163,11 @@ def simulator_cost(sim, goal):
 # tasks: sim (step(action) -> frame, render, get_state, set_state), the goal frame, and result(), the
 # environment's own success test on the current state with a continuous score beside it
 
-def sim_task(family, k, res, task_horizon=12):
+def sim_task(family, k, res, task_horizon=12, world='big'):
     """Task k of a built-in family (data.make_task, the goal task_horizon exploration steps away); its score
     is the final distance of the agent (reach) or the blocks' mean distance (push) to the goal."""
-    t = make_task(family, k, task_horizon, res)
-    sim = PushSim(res, t['episode_seed'])
+    t = make_task(family, k, task_horizon, res, world=world)
+    sim = PushSim(res, t['episode_seed'], world)
 
     def result():
         s, g = sim.get_state(), t['goal_state']
@@ -196,8 +203,8 @@ def pusht_task(k, res):
     raise RuntimeError(f"no PushT task found for k={k}")
 
 
-def make(family, k, res, task_horizon=12):
-    return pusht_task(k, res) if family == 'pusht' else sim_task(family, k, res, task_horizon)
+def make(family, k, res, task_horizon=12, world='big'):
+    return pusht_task(k, res) if family == 'pusht' else sim_task(family, k, res, task_horizon, world)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -205,9 +212,10 @@ def make(family, k, res, task_horizon=12):
 
 def run_episode(task, planner, make_cost, max_steps, exec_steps, n_context, rng=None):
     """Plan, execute the first exec_steps actions, replan, for max_steps environment steps. planner None
-    means uniform random actions from rng. make_cost(observed frames, goal) -> cost. Returns (result,
-    observed frames, predicted frames aligned with them, seconds per planning step)."""
+    means uniform random actions from rng. make_cost(observed frames, actions between them, goal) -> cost.
+    Returns (result, observed frames, predicted frames aligned with them, seconds per planning step)."""
     obs = [task.sim.render()] * n_context  # the start frame stands in for the context before it
+    done = [np.zeros(ACTION_DIM, np.float32)] * (n_context - 1)  # ... and standing still for its actions
     pred, times = [obs[0]], []
     while len(obs) - n_context < max_steps:
         n = min(exec_steps, max_steps - len(obs) + n_context)
@@ -215,12 +223,13 @@ def run_episode(task, planner, make_cost, max_steps, exec_steps, n_context, rng=
             acts, frames = rng.uniform(-1, 1, (n, ACTION_DIM)).astype(np.float32), None
         else:
             t0 = time.perf_counter()
-            acts, best = planner.plan(make_cost(obs, task.goal))
+            acts, best = planner.plan(make_cost(obs, done, task.goal))
             times.append(time.perf_counter() - t0)
             acts, frames = acts[:n].numpy(), cola.to_uint8(best[None, :n])[0]
             planner.shift(n)
         for i, a in enumerate(acts):
             obs.append(task.sim.step(a))
+            done.append(a)
             pred.append(obs[-1] if frames is None else frames[i])
     return task.result(), obs[n_context - 1:], pred, times
 
@@ -244,7 +253,8 @@ def main():
         res, nc = wm_cfg.res, wm_cfg.n_context
         if 'pusht' in families:
             PushT(res)  # fails here, not after an hour of planning, when gym-pusht is absent
-        if 'ours' in names:  # the real-action adapter, fit as eval.py fits it
+        adapter = None  # a --mode=actions checkpoint plans with real actions directly
+        if 'ours' in names and settings['mode'] != 'actions':  # the real-action adapter, fit as eval.py fits it
             z_e, acts = cola.episode_latents(models['lam'], sampler, sampler.episodes('train')[:adapter_episodes], dev)
             if acts[0] is None:
                 raise ValueError(f"{sampler.dir} has no actions: the adapter needs labelled episodes")
@@ -260,12 +270,12 @@ def main():
           f"{sample_steps} Euler steps, guidance {cfg_scale}")
     runs, gifs = defaultdict(list), []
     for family, k, s, name in itertools.product(families, range(n_tasks), range(n_seeds), names):
-        task, run_seed = make(family, k, res, task_horizon), int(np.random.default_rng([seed, k, s]).integers(2 ** 31))
+        task, run_seed = make(family, k, res, task_horizon, settings.get('world', 'small')), int(np.random.default_rng([seed, k, s]).integers(2 ** 31))
         planner = None if name == 'random' else Planner(method, horizon, ACTION_DIM, n_samples, n_iters, noise_std,
                                                         smoothing, temperature, elite_frac, run_seed)
         gen = torch.Generator(dev).manual_seed(run_seed)
-        make_cost = (lambda o, g: world_model_cost(models, adapter, o, g, sample_steps, cfg_scale, gen)) \
-            if name == 'ours' else (lambda o, g: simulator_cost(task.sim, g))
+        make_cost = (lambda o, d, g: world_model_cost(models, adapter, o, d, g, sample_steps, cfg_scale, gen)) \
+            if name == 'ours' else (lambda o, d, g: simulator_cost(task.sim, g))
         r, obs, pred, times = run_episode(task, planner, make_cost, max_steps, exec_steps, nc,
                                           np.random.default_rng(run_seed))
         runs[family, name].append(dict(r, times=times))

@@ -5,7 +5,7 @@ policy that records its training episodes (`python data.py --env=pusht`). gym-pu
 """
 import numpy as np
 
-from data import resize, record
+from data import SENSOR_NOISE, record, resize
 
 PUSHT_REACH = 60.0  # env units (the arena is 512 wide) from the agent to its PD target at |action| = 1
 
@@ -89,6 +89,8 @@ class PushTPolicy:
         return np.clip(self.v, -1, 1).astype(np.float32)
 
 
-def generate_pusht_episode(seed, T=48, res=64):
-    """One PushT exploration episode from the env's own random start: record()'s dict, states (T,10)."""
-    return record(PushT(res, seed), PushTPolicy(np.random.default_rng([seed, 1])), T)
+def generate_pusht_episode(seed, T=48, res=64, noise=SENSOR_NOISE):
+    """One PushT exploration episode from the env's own random start: record()'s dict, states (T,10).
+    noise=0 gives the env's exact renders."""
+    return record(PushT(res, seed), PushTPolicy(np.random.default_rng([seed, 1])), T, np.random.default_rng([seed, 2]),
+                  noise)

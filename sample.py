@@ -37,8 +37,8 @@ out_dir = 'samples'
 n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)
 horizon = 22            # generated frames per clip, after the n_context given ones
 tour_steps = 4          # frames each code is played for in the codebook tour
-sample_steps = 10       # Euler steps per window
-cfg_scale = 4.0         # classifier-free guidance scale
+sample_steps = 2        # Euler steps per window (as eval.py)
+cfg_scale = 1.0         # classifier-free guidance scale (as eval.py)
 fps = 5
 scale = 2               # GIF pixels per frame pixel
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available

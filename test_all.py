@@ -233,7 +233,7 @@ def test_simulator_is_deterministic():
 
 
 def test_actions_align_with_frames_and_state_round_trips():
-    ep = data.generate_episode(5, 16, 32)
+    ep = data.generate_episode(5, 16, 32, noise=0)
     sim = data.PushSim(32, 5)
     assert np.array_equal(sim.render(), ep['frames'][0])
     for t in range(15):
@@ -244,10 +244,39 @@ def test_actions_align_with_frames_and_state_round_trips():
     before = sim.get_state()
     sim.step([0.0, 0.0])
     assert np.array_equal(sim.get_state(), before)
-    sim.step([5.0, 0.0])  # clipped to 1: at most SPEED
-    assert 0 < abs(sim.get_state()[0] - before[0]) <= data.SPEED + 1e-6 or before[0] >= 1 - sim.r - 1e-6
+    sim.step([5.0, 0.0])  # clipped to 1: at most the world's speed
+    assert 0 < abs(sim.get_state()[0] - before[0]) <= sim.speed + 1e-6 or before[0] >= 1 - sim.r - 1e-6
     # absent blocks are zeros
     assert np.all(sim.get_state()[2 + 2 * sim.n_blocks:] == 0)
+
+
+def test_recorded_frames_carry_sensor_noise_only():
+    clean, noisy = data.generate_episode(5, 16, 32, noise=0), data.generate_episode(5, 16, 32)
+    diff = noisy['frames'].astype(float) - clean['frames']
+    assert abs(diff.std() - data.SENSOR_NOISE) < 0.2 and abs(diff.mean()) < 0.1
+    assert np.array_equal(noisy['states'], clean['states']) and np.array_equal(noisy['actions'], clean['actions'])
+
+
+def test_render_is_antialiased_and_subpixel_motion_shows():
+    sim = data.PushSim(32, 0)
+    s = sim.get_state()
+    a = sim.render().astype(float)
+    s[0] += 0.1 / 32  # a tenth of a pixel to the right
+    sim.set_state(s)
+    b = sim.render().astype(float)
+    assert 0 < np.abs(b - a).sum() and np.abs(b - a).max() < 60  # visible, and only as a partial-coverage change
+    assert len(np.unique(a.reshape(-1, 3), axis=0)) > 10  # edge pixels blend body and background
+
+
+def test_random_policy_is_iid_over_the_nine_moves():
+    acts = data.generate_episode(0, 400, 16, policy='random')['actions']
+    moves, counts = np.unique(acts, axis=0, return_counts=True)
+    assert len(moves) == 9 and set(np.unique(moves)) == {-1, 0, 1} and counts.min() > 20
+    assert abs(np.corrcoef(acts[:-1, 0], acts[1:, 0])[0, 1]) < 0.15  # no memory from step to step
+    with pytest.raises(ValueError, match='--policy'):
+        data.generate_episode(0, 4, 16, policy='nope')
+    with pytest.raises(ValueError, match='--world'):
+        data.PushSim(16, 0, world='nope')
 
 
 def test_pushing_moves_blocks_and_keeps_them_apart():
@@ -723,7 +752,7 @@ def test_planner_with_the_simulator_as_model_solves_reach():
         task = plan.sim_task('reach', k, res=32, task_horizon=8)
         start = task.result()['dist']
         p = plan.Planner('mppi', 8, 2, n_samples=32, seed=k)
-        r, obs, pred, times = plan.run_episode(task, p, lambda o, g: plan.simulator_cost(task.sim, g), 16, 4, 2)
+        r, obs, pred, times = plan.run_episode(task, p, lambda o, d, g: plan.simulator_cost(task.sim, g), 16, 4, 2)
         solved.append(r['success'])
         moved.append(r['dist'] < start)
         assert len(obs) == len(pred) == 17 and len(times) == 4  # start + 16 steps; a plan every 4 steps
@@ -732,7 +761,7 @@ def test_planner_with_the_simulator_as_model_solves_reach():
 
 @needs_pusht
 def test_pusht_recording_aligns_frames_and_actions(tmp_path):
-    ep = pusht.generate_pusht_episode(3, T=12)
+    ep = pusht.generate_pusht_episode(3, T=12, noise=0)
     assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
     # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
     assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1

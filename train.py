@@ -5,6 +5,7 @@ Train CoLA-World: the latent action model (LAM) learns through the world model (
   python train.py --mode=two_stage                 # the baseline: LAM + decoder, then WM on frozen latents
   python train.py --warmup_steps=0                 # naive joint training (the paper: it collapses)
   python train.py --mode=frozen_lam                # control: warm-up, then the WM alone on the frozen LAM
+  python train.py --mode=actions                   # the ceiling: the WM driven by the dataset's real actions
   torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
 
 Phases, in the order the paper runs them (PHASES below says what each one trains):
@@ -12,7 +13,8 @@ Phases, in the order the paper runs them (PHASES below says what each one trains
   warmup    WM weights frozen, but its activations stay in the graph: the flow loss trains IDM, quantizer
             and the new action-conditioning modules through it
   joint     everything trains together ("co-evolution")
-  lam, wm   two-stage baseline: IDM + quantizer + pixel decoder, then the WM on the frozen LAM's latents
+  lam, wm   two-stage baseline: IDM + quantizer + pixel decoder, then the WM on the frozen LAM's latents;
+            in --mode=actions the wm phase takes the real actions instead (cola.real_latents)
 Settings are plain values below; override them with config/NAME.py and --key=value (configurator.py).
 """
 import json
@@ -40,17 +42,20 @@ from world_model import flow_loss
 # settings
 out_dir = 'out'
 data = ''               # folder of .npz episodes, videos, or prepared shards; '' = built-in simulator
+world = 'big'           # built-in simulator: 'big' (the default demo) or 'small' (harder), data.WORLDS
+policy = 'explore'      # built-in simulator: 'explore' (smooth motion and pushes) or 'random' (i.i.d. moves)
 skip_bad = False        # skip unreadable data files with a warning instead of stopping
 init_from = ''          # start from this checkpoint's world model (then pretraining is skipped)
 resume = False          # continue out_dir/ckpt.pt exactly where it stopped
 log_interval = 10       # steps between log.jsonl records
 ckpt_interval = 250     # steps between checkpoints
-mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam'
+mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam' | 'actions'
 pretrain_steps = 600
 warmup_steps = 150
 joint_steps = 350
-lam_steps = 250         # two-stage, stage 1
+lam_steps = 3000        # two-stage, stage 1 (about 4 minutes on 2 CPU cores)
 wm_steps = 250          # two-stage, stage 2
+actions_steps = 5000    # --mode=actions: WM steps on the real actions (about 11 minutes on 2 CPU cores)
 # model: sizes left None take the preset's value (world_model.PRESETS)
 preset = 'cpu'
 res = None
@@ -61,14 +66,18 @@ depth = None
 n_heads = None
 act_width = None
 act_depth = None
+t_shift = None          # flow-time shift towards noise (world_model.shift_t), in training and sampling
+rope = None             # rotary (relative) positions in the world model's spatial attention
 n_context = 2           # clean context frames of each clip
 n_action_tokens = 2
 action_dim = 32
 quantizer = 'vq'        # 'vq' | 'fsq' | 'none'
 codebook_size = 32
 fsq_levels = (8, 4)
-dead_code_restart = False
-crop_min = 0.8          # random-crop augmentation while the LAM trains
+dead_code_restart = True  # VQ: unused entries move onto encoder outputs; the log counts them (code_restarts)
+quant_anneal = 0.6       # soft-to-hard quantization over this fraction of the LAM's training steps (lam.LAM.forward)
+idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: README)
+crop_min = 1.0          # random-crop augmentation while the LAM trains (1.0 = off; README)
 dec_depth = 2           # blocks of the two-stage decoder (built in two_stage mode only)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
 codebook_weight = 1.0
@@ -76,7 +85,7 @@ commit_weight = 0.25
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
-lr = 1e-3
+lr = None               # peak learning rate; None: 2e-3 in --mode=actions (measured best there), else 1e-3
 min_lr = 1e-4
 lr_warmup = 50          # linear LR warm-up steps at the start of every phase
 lr_schedule = 'cosine'  # 'cosine' (to min_lr at the end of the phase) | 'constant'
@@ -86,8 +95,8 @@ ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
 # end-of-run summary on held-out episodes
 eval_clips = 16
 eval_len = 12
-sample_steps = 10
-cfg_scale = 4.0
+sample_steps = 2        # the end-of-run summary samples as eval.py does
+cfg_scale = 1.0
 # system
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
@@ -103,16 +112,23 @@ SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
              'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)],
              # the paper's Fig. 4b control: after the warm-up only the WM (and action modules) train on the
              # frozen LAM's latents; joint_steps counts those WM steps
-             'frozen_lam': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('wm', joint_steps)]}
+             'frozen_lam': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('wm', joint_steps)],
+             # the ceiling of every latent-action result: the WM and action modules trained on the dataset's
+             # real actions, put in the latent-action slot (cola.real_latents); no pretraining, no LAM
+             'actions': [('wm', actions_steps)]}
 if mode not in SCHEDULES:
     fail(f"--mode must be one of {', '.join(SCHEDULES)}, got {mode!r}")
+lr = lr or (2e-3 if mode == 'actions' else 1e-3)
+config['lr'] = lr
+if not 0 <= quant_anneal < 1:
+    fail(f"--quant_anneal is a fraction of the LAM's training steps in [0, 1), got {quant_anneal}")
 schedule = [(p, n) for p, n in SCHEDULES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
 if mode != 'two_stage':
     config['dec_depth'] = 0  # the pixel decoder exists only in the baseline
 
 # distributed (torchrun sets RANK) and device
 ddp = 'RANK' in os.environ
-rank, local_rank, world = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
+rank, local_rank, n_procs = (int(os.environ.get(k, d)) for k, d in (('RANK', 0), ('LOCAL_RANK', 0), ('WORLD_SIZE', 1)))
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 if ddp:
     if device.startswith('cuda'):
@@ -139,10 +155,12 @@ try:
         cola.check_compatible(init, config, init_from, modules=('wm',))
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
-    data_dir = resolve_data(data or None, wm_cfg.res, clip_len=wm_cfg.n_frames, skip_bad=skip_bad)
+    data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, world, policy)
     if ddp and master:
         dist.barrier()
-    sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=world)
+    sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
+    if mode == 'actions':
+        cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), models['lam'].cfg)  # checks the sizes
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if init is not None:
@@ -153,7 +171,7 @@ if start is not None:
     for name, m in models.items():
         m.load_state_dict(start[name])
     step, ema = start['step'], start.get('ema_wm') or ema
-    mine = start['ranks'][rank] if len(start['ranks']) == world else None  # same world size: exact resume
+    mine = start['ranks'][rank] if len(start['ranks']) == n_procs else None  # same world size: exact resume
     if mine is not None:
         sampler.load_state_dict(mine['sampler'])
         torch.set_rng_state(mine['torch'].cpu())
@@ -170,15 +188,19 @@ class Losses(nn.Module):
         super().__init__()
         self.wm, self.action, self.lam = wm, action, lam
 
-    def forward(self, x, phase):
-        """x: (B, T, 3, H, W) in [-1, 1] -> dict(loss, its parts, codes)."""
+    def forward(self, x, phase, actions=None, p_relax=0.0):
+        """x: (B, T, 3, H, W) in [-1, 1]; actions (B, T-1, A): the real ones, used in --mode=actions only
+        -> dict(loss, its parts, codes)."""
         if phase == 'pretrain':  # no actions at all: the backbone alone learns video prediction
             flow = flow_loss(self.wm, None, x)
+            return dict(loss=flow, flow=flow)
+        if mode == 'actions':
+            flow = flow_loss(self.wm, self.action, x, cola.real_latents(actions, self.lam.cfg), cond_drop)
             return dict(loss=flow, flow=flow)
         if 'lam' in PHASES[phase]:
             x = random_crop(x, crop_min)  # augment only while the LAM learns; WM/decoder see the same crop
         with torch.no_grad() if phase == 'wm' else nullcontext():
-            out = self.lam(x)
+            out = self.lam(x, p_relax)
         vq = codebook_weight * out['codebook_loss'] + commit_weight * out['commit_loss']
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
             recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
@@ -220,6 +242,19 @@ def lr_at(i, n):
     return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (lr - min_lr)
 
 
+# soft-to-hard quantization counts from the first step that trains the LAM (two_stage: lam; cola: warmup)
+lam_start = next((sum(n for _, n in schedule[:i]) for i, (p, _) in enumerate(schedule) if 'lam' in PHASES[p]), None)
+anneal_steps = quant_anneal * sum(n for p, n in schedule if 'lam' in PHASES[p])
+
+
+def p_relax_at(i):
+    """Probability that a transition passes its continuous latent instead of the quantized one at global
+    step i: 1 -> 0 linearly over the first quant_anneal of the LAM's training steps, then 0 (fully quantized)."""
+    if lam_start is None or anneal_steps <= 0 or i < lam_start:
+        return 0.0
+    return max(0.0, 1 - (i - lam_start) / anneal_steps)
+
+
 def grad_norm(module):
     """L2 norm of the gradients on a module's parameters (0 when it is frozen)."""
     gs = [p.grad for p in module.parameters() if p.grad is not None]
@@ -235,7 +270,7 @@ def save(phase, opt):
                 cuda=torch.cuda.get_rng_state() if cuda else None, fingerprint=fingerprint)
     ranks = [mine]
     if ddp:
-        ranks = [None] * world
+        ranks = [None] * n_procs
         dist.all_gather_object(ranks, mine)
     if master:
         if len({r['fingerprint'] for r in ranks}) > 1:
@@ -253,7 +288,7 @@ if master:
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resume else 'w')
     n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
-    print(f"{mode} on {device} x{world}: {' -> '.join(f'{p} {n}' for p, n in schedule)} steps; "
+    print(f"{mode} on {device} x{n_procs}: {' -> '.join(f'{p} {n}' for p, n in schedule)} steps; "
           f"params {n_params}; data {data_dir}")
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,11 +309,13 @@ for phase, n_steps in schedule:
         for g in opt.param_groups:
             g['lr'] = lr_at(step - begin, n_steps)
         for micro in range(grad_accum):
-            x = cola.to_model(sampler.sample(batch_size)['frames'], device)  # (B, T, 3, H, W)
+            batch = sampler.sample(batch_size)
+            x = cola.to_model(batch['frames'], device)  # (B, T, 3, H, W)
+            actions = batch['actions'].to(device) if mode == 'actions' else None  # (B, T-1, A)
             if ddp:
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with autocast:
-                out = model(x, phase)
+                out = model(x, phase, actions, p_relax_at(step))
             (out['loss'] / grad_accum).backward()
             if out.get('codes') is not None:
                 codes_window.append(out['codes'].detach())
@@ -305,7 +342,10 @@ for phase, n_steps in schedule:
                        **{k: out[k].item() for k in ('flow', 'recon', 'vq') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
             if codes_window and models['lam'].quantizer.size:
-                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), models['lam'].quantizer.size))
+                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), models['lam'].quantizer.size),
+                           quant_p=p_relax_at(step - 1), code_restarts=getattr(models['lam'].quantizer, 'restarts', 0))
+                if hasattr(models['lam'].quantizer, 'restarts'):
+                    models['lam'].quantizer.restarts = 0
             log.write(json.dumps(rec) + '\n')
             log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))
@@ -334,13 +374,14 @@ if master and eval_clips > 0:
     for m in models.values():
         m.eval()
     try:
-        clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips)['frames']
+        clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips)
     except ValueError as e:
         print(f"no summary: {e}")
         clips = None
     if clips is not None:
-        r = cola.rollout_psnr(models, cola.to_model(clips, device), null=(mode == 'pretrain'),
-                              n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed)
+        real = clips['actions'].to(device) if mode == 'actions' else None
+        r = cola.rollout_psnr(models, cola.to_model(clips['frames'], device), null=(mode == 'pretrain'),
+                              n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, actions=real)
         stats, health = cola.codebook_health(r['codes'], models['lam'].quantizer.size)
         mean = lambda xs: sum(xs) / len(xs)
         summary = dict(step=step, mode=mode, psnr=mean(r['psnr']), psnr_copy_last=mean(r['psnr_copy']),
@@ -349,6 +390,8 @@ if master and eval_clips > 0:
             json.dump(summary, f, indent=1)
         print(f"summary over {eval_clips} held-out clips, {eval_len - n_context} predicted frames each:\n"
               f"  rollout PSNR {summary['psnr']:.2f} dB vs copy-last-frame {summary['psnr_copy_last']:.2f} dB"
-              + (" (null action: pretraining has no latent actions)" if mode == 'pretrain' else f"\n  {health}"))
+              + {'pretrain': " (null action: pretraining has no latent actions)",
+                 'actions': " (driven by the real actions)"}.get(mode, f"\n  {health}"))
 if ddp:
+    dist.barrier()  # the other ranks wait for rank 0's summary before the process group goes
     dist.destroy_process_group()

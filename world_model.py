@@ -33,13 +33,17 @@ class WMConfig:
     action_dim: int = 32
     act_width: int = 128        # the action transformer (paper: 6 blocks)
     act_depth: int = 2
+    t_shift: float = 1.0        # flow times t -> s t / (1 + (s - 1) t) in training and sampling (SD3's shift)
+    rope: bool = False          # 2-D rotary embeddings in the spatial attention
 
 
 # Size presets: plain values shared by WMConfig and LAMConfig (the trainer applies them to both).
 # 'cpu' learns on the built-in simulator in minutes on 2 cores; 'base' is the paper's IDM size for GPUs.
 PRESETS = {
-    'cpu': dict(res=64, patch=8, n_frames=6, width=128, depth=4, n_heads=4, act_width=128, act_depth=2),
-    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6),
+    'cpu': dict(res=32, patch=4, n_frames=4, width=64, depth=4, n_heads=4, act_width=64, act_depth=1, t_shift=8.0,
+                rope=True),
+    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6,
+                 t_shift=8.0, rope=True),
 }
 
 
@@ -60,10 +64,14 @@ class VideoDiT(nn.Module):
         D = cfg.width
         self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
         self.ref_embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
-        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
+        # with rotary embeddings the spatial attention sees only relative positions (no absolute embedding):
+        # moving the agent by the action is then one operation, learned once for every place in the frame
+        self.register_buffer('pos_space', torch.zeros(1, D) if cfg.rope else sincos_2d(cfg.res // cfg.patch, D),
+                             persistent=False)
         self.pos_time = nn.Parameter(torch.randn(cfg.n_frames, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
-        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads, cfg.mlp_ratio, cond=True) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads, cfg.mlp_ratio, cond=True, rope_side=cfg.res // cfg.patch * cfg.rope)
+                                    for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.head = nn.Linear(D, cfg.patch ** 2 * cfg.channels)
@@ -127,6 +135,11 @@ class ActionEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------
 # rectified flow: x_t = (1 - t) x_0 + t * noise, velocity noise - x_0 = (x_t - x_0) / t, t = 0 is clean
 
+def shift_t(t, s):
+    """SD3's time shift (Esser et al. 2024): s > 1 moves flow times towards noise, keeping 0 and 1."""
+    return s * t / (1 + (s - 1) * t)
+
+
 def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     """Flow-matching loss on the future frames of clean clips x0 (B, T, C, H, W) in [-1, 1].
 
@@ -139,7 +152,7 @@ def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
     """
     B, T = x0.shape[:2]
     nc = wm.cfg.n_context
-    t = torch.sigmoid(torch.randn(B, device=x0.device, generator=generator))  # logit-normal(0, 1)
+    t = shift_t(torch.sigmoid(torch.randn(B, device=x0.device, generator=generator)), wm.cfg.t_shift)  # logit-normal(0, 1)
     t_frames = torch.cat([t.new_zeros(B, nc), t[:, None].expand(B, T - nc)], dim=1)  # (B, T)
     noise = torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
     tt = t_frames[:, :, None, None, None].to(x0.dtype)
@@ -172,7 +185,7 @@ def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator
         mod = torch.cat([action(z), action(None, T=T).expand(B, -1, -1)])
     else:
         mod = action(z, T=T)
-    ts = torch.linspace(1.0, 0.0, n_steps + 1, device=ctx.device)
+    ts = shift_t(torch.linspace(1.0, 0.0, n_steps + 1, device=ctx.device), wm.cfg.t_shift)
     for i in range(n_steps):
         t_frames = torch.cat([ts.new_zeros(B, nc), ts[i].expand(B, T - nc)], dim=1)
         xin = torch.cat([ctx, x], dim=1)
