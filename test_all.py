@@ -219,6 +219,13 @@ def test_sampler_deterministic_and_rollout_shapes():
     assert frames.shape == (2, 11, 3, 16, 16) and torch.equal(frames[:, :2], ctx)
 
 
+def test_tuple_settings_take_comma_lists():
+    from configurator import parse_value
+    assert parse_value('presets', 'base', ('cpu', 'base')) == ('base',)
+    assert parse_value('presets', 'cpu, base', ('cpu', 'base')) == ('cpu', 'base')
+    assert parse_value('fsq_levels', '8,4', (8, 4)) == (8, 4) and parse_value('fsq_levels', '5', (8, 4)) == (5,)
+
+
 # ----------------------------------------------------------------------------------------------------
 # data.py
 
