@@ -203,13 +203,16 @@ def rollout_psnr(models, clips, null=False, n_steps=2, cfg_scale=1.0, seed=0, ac
     the real `actions` (B, L-1, A) when given (--mode=actions), or with the null action when `null`.
     Returns per-step PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames,
     and the codes."""
-    nc = models['wm'].cfg.n_context
-    acts = None if null or actions is not None else latent_actions(models['lam'], clips)
-    z = real_latents(actions, models['lam'].cfg) if actions is not None else acts and acts['z']
+    nc, z, codes = models['wm'].cfg.n_context, None, None
+    if actions is not None:
+        z = real_latents(actions, models['lam'].cfg)
+    elif not null:
+        acts = latent_actions(models['lam'], clips)
+        z, codes = acts['z'], acts['codes']
     gen = simulate(models, clips, z, n_steps, cfg_scale, seed)
     return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
                 psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),
-                frames=gen, codes=acts and acts['codes'])
+                frames=gen, codes=codes)
 
 
 def real_latents(actions, lam_cfg):

@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 
 from model import AttentionPool, Block, patchify, sincos_2d, unpatchify
@@ -24,7 +24,6 @@ class LAMConfig:
     channels: int = 3
     max_frames: int = 16         # longest clip the IDM takes at once (longer episodes go in windows)
     width: int = 128
-    depth: int = 4               # (the world model's; the decoder uses dec_depth, the IDM idm_depth)
     idm_depth: int = 2           # spatial blocks of the IDM's per-frame encoder
     n_heads: int = 4
     n_action_tokens: int = 2     # tokens per latent action
@@ -253,7 +252,7 @@ class LAM(nn.Module):
         its quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017). A
         random IDM's codes say nothing about the motion, so a decoder learns to ignore them and the IDM
         gets no gradient that would find it; through the continuous path it does, and the trainer lowers
-        p_relax to 0 over the first `quant_anneal` steps (measured: README, "The latent action model").
+        p_relax to 0 over the first `quant_anneal` of the LAM's training steps (measured: README, "The latent action model").
         Codes, code statistics and the VQ losses are always those of the quantized path.
         (The trainer applies `random_crop` to the clip first, only while the LAM is being updated, so
         that the IDM and whatever reconstructs the clip see the same crop.)"""

@@ -97,7 +97,7 @@ def test_dit_is_causal_in_time():
 
 def test_vq_straight_through_reaches_encoder():
     torch.manual_seed(0)
-    lam = LAM(LAMConfig(**TINY, n_action_tokens=2, action_dim=8, codebook_size=4))
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=2, n_heads=2, n_action_tokens=2, action_dim=8, codebook_size=4))
     out = lam(torch.randn(2, 3, 3, 16, 16))
     assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2)
     (out['z'].square().sum() + out['codebook_loss'] + out['commit_loss']).backward()
@@ -673,7 +673,7 @@ def test_identical_clips_score_finite():
 
 
 def test_latent_actions_window_like_the_idm():
-    lam = LAM(LAMConfig(res=16, patch=4, width=32, depth=1, n_heads=2, action_dim=8, codebook_size=8, max_frames=4)).eval()
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8, max_frames=4)).eval()
     clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
     out = cola.latent_actions(lam, clips)
     assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
