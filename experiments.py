@@ -28,17 +28,18 @@ from tqdm import tqdm
 from configurator import configure, fail
 
 # ----------------------------------------------------------------------------------------------------
-# settings: the CPU preset (~100 min on 2 free cores, 114 s of wall time per run; config/experiments_gpu.py: GPU)
+# settings: the CPU default's models and schedule length (about 10 hours on 2 CPU cores for everything,
+# 8-9 minutes of training per run; config/experiments_gpu.py: one GPU)
 envs = 'sim,pusht'      # built-in simulator (tasks reach, push) and gym-pusht (needs requirements-pusht.txt)
 seeds = '0,1,2'
 schedules = 'all'       # or a comma-separated subset of SCHEDULES' names
-pretrain_steps = 600    # the shared action-free world model, one per environment (seed 0)
-budget = 400            # steps after pretraining, the same for every schedule: N + M = W + J
-warmup = 60             # CoLA's warm-up W (the paper: 8K of 60K steps)
+pretrain_steps = 2500   # the shared action-free world model, one per environment (seed 0), as train.py's default
+budget = 3400           # steps after pretraining, the same for every schedule: N + M = W + J
+warmup = 1000           # CoLA's warm-up W (the paper: 8K of 60K steps)
 res = 32
-train_args = '--patch=4 --n_frames=5 --width=64 --depth=3 --n_heads=4 --act_width=64 --act_depth=1 --batch_size=16'
-eval_args = '--n_clips=16 --horizon=8'
-plan_args = '--n_tasks=4 --horizon=6 --exec_steps=4'
+train_args = ''         # extra train.py flags for every run (sizes: world_model.PRESETS['cpu'])
+eval_args = '--n_clips=16'
+plan_args = '--n_tasks=10'
 episodes = 300          # PushT episodes recorded (the simulator's built-in dataset has 300)
 workers = 2             # jobs at once
 threads = 0             # torch threads per job; 0 = cpu_count // workers
@@ -53,6 +54,9 @@ W = warmup
 SCHEDULES = {  # name -> train.py flags; every one starts from the same pretrained world model
     'init': dict(mode='cola', warmup_steps=0, joint_steps=0),  # the start: no steps (a reference, not a rival)
     'two_stage': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2),
+    # the baseline with the quantizer that suits it best (VQ beat FSQ in stage 1 alone: README)
+    'two_stage_vq': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2, quantizer='vq',
+                         quant_anneal=0.6),
     'two_stage_under': dict(mode='two_stage', lam_steps=W, wm_steps=budget - W),  # LAM trained for W only
     'naive_joint': dict(mode='cola', warmup_steps=0, joint_steps=budget),
     'cola_warm_short': dict(mode='cola', warmup_steps=W // 3, joint_steps=budget - W // 3),
@@ -219,7 +223,7 @@ def steps_of(flags):
     if sch['mode'] == 'cola' and int(sch['warmup_steps']) + int(sch['joint_steps']) == 0:
         return 'none: the pretrained WM, a random IDM'
     if sch['mode'] == 'two_stage':
-        return f"LAM {sch['lam_steps']} + WM {sch['wm_steps']}"
+        return f"LAM {sch['lam_steps']} + WM {sch['wm_steps']}" + (f", {sch['quantizer'].upper()}" if 'quantizer' in sch else '')
     after = 'WM' if sch['mode'] == 'frozen_lam' else 'joint'
     return f"warm-up {sch['warmup_steps']} + {after} {sch['joint_steps']}"
 

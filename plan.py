@@ -46,15 +46,15 @@ task_horizon = 12       # reach, push: the goal is this many exploration steps a
 max_steps = 24          # environment steps per task
 method = 'mppi'         # 'mppi' | 'cem'
 n_samples = 50          # action sequences per optimisation iteration (the paper's MPPI: 50)
-horizon = 8             # actions per sequence (8 = two world-model windows of the CPU preset)
+horizon = 8             # actions per sequence (8 = four world-model windows of the CPU preset's 4-frame clips)
 n_iters = 1             # optimisation iterations per planning step (the plan is warm-started across steps)
 exec_steps = 4          # actions executed before replanning
 noise_std = 0.7         # std of the sampled action perturbations (actions live in [-1, 1])
 smoothing = 0.8         # correlation of consecutive perturbations (0 = white noise)
 temperature = 0.3       # MPPI: softmax temperature, in units of the samples' cost std
 elite_frac = 0.1        # CEM: fraction of samples the Gaussian is refit to
-sample_steps = 2        # Euler steps per world-model window (as eval.py); planning needs speed: on CPU a
-cfg_scale = 1.0         # plan takes 4 s at 2 steps, guidance 1 and 17 s at 4 steps, 4.0 (it doubles the batch)
+sample_steps = 1        # Euler steps per world-model window; eval.py's 2 would double the time of a plan
+cfg_scale = 1.0         # classifier-free guidance (!= 1 doubles the batch)
 adapter_episodes = 32   # labelled training episodes the adapter learns from
 adapter_steps = 500     # full-batch Adam steps of the adapter
 n_gifs = 2              # GIFs per family (ours, seed 0)

@@ -51,8 +51,8 @@ log_interval = 10       # steps between log.jsonl records
 ckpt_interval = 250     # steps between checkpoints
 mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam' | 'actions'
 pretrain_steps = 2500   # the null-action rollout reaches copy-last within 0.1 dB at 2500 (0.6 below at 600: README)
-warmup_steps = 150
-joint_steps = 350
+warmup_steps = 1000
+joint_steps = 2400
 lam_steps = 3000        # two-stage, stage 1 (about 4 minutes on 2 CPU cores)
 wm_steps = 250          # two-stage, stage 2
 actions_steps = 5000    # --mode=actions: WM steps on the real actions (about 11 minutes on 2 CPU cores)
@@ -71,11 +71,11 @@ rope = None             # rotary (relative) positions in the world model's spati
 n_context = 2           # clean context frames of each clip
 n_action_tokens = 2
 action_dim = 32
-quantizer = 'vq'        # 'vq' | 'fsq' | 'none'
+quantizer = 'fsq'       # 'fsq' | 'vq' | 'none'; through the world model only FSQ (and 'none') learned (README)
 codebook_size = 32
 fsq_levels = (8, 4)
 dead_code_restart = True  # VQ: unused entries move onto encoder outputs; the log counts them (code_restarts)
-quant_anneal = 0.6       # soft-to-hard quantization over this fraction of the LAM's training steps (lam.LAM.forward)
+quant_anneal = 0.9      # soft-to-hard quantization over this fraction of the LAM's training steps (lam.LAM.forward)
 idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: README)
 crop_min = 1.0          # random-crop augmentation while the LAM trains (1.0 = off; README)
 dec_depth = 2           # blocks of the two-stage decoder (built in two_stage mode only)

@@ -1,14 +1,8 @@
-# experiments.py on one GPU: the 64-px models of the CPU training preset (world_model.PRESETS['cpu']) at
-# batch 32, with 7.5x the steps of the CPU experiment. Not yet run: no GPU was lent to the session that
-# wrote it. From bench.py's 47 ms per joint step at batch 16 on an H200, expect several hours.
-res = 64
-train_args = '--preset=cpu --batch_size=32'
-pretrain_steps = 3000
-budget = 3000
-warmup = 400
-eval_args = '--n_clips=32 --horizon=10'
-plan_args = '--n_tasks=10'
+# experiments.py on one GPU: the CPU experiment's models, schedules and budgets (world_model.PRESETS['cpu']),
+# 1000 PushT episodes, 4 jobs at once. Small models leave an H100 mostly idle: several runs side by side cost
+# little more than one (11 CoLA runs of 3,500 steps ran side by side at 60-70 ms per step: README).
 episodes = 1000
-workers = 1
+workers = 4
+threads = 2
 runs_dir = 'out-experiments-gpu'
 out_dir = 'results-gpu'
