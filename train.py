@@ -52,7 +52,7 @@ ckpt_interval = 250     # steps between checkpoints
 mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam' | 'actions'
 pretrain_steps = 2500   # the null-action rollout reaches copy-last within 0.1 dB at 2500 (0.6 below at 600: README)
 warmup_steps = 1000
-joint_steps = 2400
+joint_steps = 2100
 lam_steps = 3000        # two-stage, stage 1 (about 4 minutes on 2 CPU cores)
 wm_steps = 250          # two-stage, stage 2
 actions_steps = 5000    # --mode=actions: WM steps on the real actions (about 11 minutes on 2 CPU cores)

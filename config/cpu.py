@@ -4,5 +4,5 @@ preset = 'cpu'
 batch_size = 16
 pretrain_steps = 2500
 warmup_steps = 1000
-joint_steps = 2400
+joint_steps = 2100
 lr = 1e-3
