@@ -1,5 +1,5 @@
 """
-Measure a CoLA-World checkpoint as the paper does, in one command (about a minute for the CPU default run):
+Measure a CoLA-World checkpoint as the paper does, in one command (6 seconds for the CPU default run):
 
   python eval.py --ckpt=out/ckpt.pt
   python eval.py --ckpt=out/ckpt.pt --data=/path/to/episodes --n_clips=64 --horizon=20

@@ -28,13 +28,13 @@ from tqdm import tqdm
 from configurator import configure, fail
 
 # ----------------------------------------------------------------------------------------------------
-# settings: the CPU default's models and schedule length (about 10 hours on 2 CPU cores for everything,
-# 8-9 minutes of training per run; config/experiments_gpu.py: one GPU)
+# settings: the CPU default's models and schedule length (about 9 hours on 2 CPU cores for everything,
+# 8 minutes of training per run; config/experiments_gpu.py: one GPU)
 envs = 'sim,pusht'      # built-in simulator (tasks reach, push) and gym-pusht (needs requirements-pusht.txt)
 seeds = '0,1,2'
 schedules = 'all'       # or a comma-separated subset of SCHEDULES' names
 pretrain_steps = 2500   # the shared action-free world model, one per environment (seed 0), as train.py's default
-budget = 3400           # steps after pretraining, the same for every schedule: N + M = W + J
+budget = 3100           # steps after pretraining, the same for every schedule: N + M = W + J (as the default run)
 warmup = 1000           # CoLA's warm-up W (the paper: 8K of 60K steps)
 res = 32
 train_args = ''         # extra train.py flags for every run (sizes: world_model.PRESETS['cpu'])
