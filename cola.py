@@ -1,9 +1,10 @@
 """
 The CoLA-World system as the programs see it: build the three modules (`wm`, `action`, `lam`) from a
-flat settings dict, save and load checkpoints (CONTRACT.md), and the measurements the programs share
+flat settings dict, save and load checkpoints (names: README, "Files a run writes"), and the measurements the programs share
 (metrics, batched rollouts, the linear probe, the real-action adapter). Used by train.py (its
 end-of-run summary), sample.py, eval.py, plan.py and bench.py.
 """
+import math
 import os
 from collections import defaultdict
 
@@ -11,13 +12,14 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from data import ClipSampler, resolve_data
 from lam import LAM, LAMConfig, code_stats
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
 
 # settings that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them
-SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'n_heads', 'act_width', 'act_depth',
+SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'idm_keypoints', 'n_heads', 'act_width', 'act_depth',
               'n_action_tokens', 'action_dim', 'quantizer', 'codebook_size', 'fsq_levels')
 
 
@@ -29,6 +31,7 @@ def model_configs(s):
     pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__}
     wm_cfg = WMConfig(**pick(WMConfig))
     old = {} if 'idm_depth' in s else dict(idm_depth=sizes['depth'])  # checkpoints from before idm_depth
+    old.update({} if 'idm_keypoints' in s else dict(idm_keypoints=0))  # ... and from before the keypoints
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **old}, max_frames=wm_cfg.n_frames)
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")
@@ -77,14 +80,16 @@ def check_compatible(ckpt, s, path, modules=('wm', 'lam')):
         raise ValueError(f"checkpoint {path} has an incompatible config ({'; '.join(sorted(set(bad)))})")
 
 
-def open_run(ckpt, data, device, split='val', horizon=None, seed=0):
+def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', frame_stride=0):
     """What sample.py, eval.py and plan.py start from: the checkpoint's modules and settings, its world
     model's config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on).
-    Clips have n_context + horizon frames, or one training window when horizon is None."""
+    Clips have n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is
+    read with `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
     models, settings = load_models(ckpt, device)
     wm_cfg, _ = model_configs(settings)
     data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
-                            world=settings.get('world', 'small'), policy=settings.get('policy', 'explore'))
+                            world=settings.get('world', 'small'), policy=settings.get('policy', 'explore'),
+                            camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
     clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
     return models, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
 
@@ -247,8 +252,8 @@ def ridge_probe(x_train, y_train, x_test, y_test, ridge=1e-3):
     The penalty is `ridge` times the mean eigenvalue of the centred Gram matrix, so it does not depend on
     the scale of the latents, plus a tiny floor: constant latents (a collapsed codebook) then predict the
     training mean instead of amplified round-off. Returns dict(l1: mean absolute error (the paper's
-    metric), r2: 1 - SS_res / SS_tot averaged over action dimensions, l1_mean: the L1 of always predicting
-    the training mean)."""
+    metric), r2: 1 - SS_res / SS_tot averaged over action dimensions, r2_per_dim: the same per dimension,
+    l1_mean: the L1 of always predicting the training mean)."""
     x, y = x_train.flatten(1).double(), y_train.double()
     xt, yt = x_test.flatten(1).double(), y_test.double()
     mx, my = x.mean(0), y.mean(0)
@@ -257,9 +262,37 @@ def ridge_probe(x_train, y_train, x_test, y_test, ridge=1e-3):
     penalty = ridge * gram.diagonal().mean() + 1e-8 * len(x)
     eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
     W = torch.linalg.solve(gram + penalty * eye, xc.T @ (y - my))
-    pred = (xt - mx) @ W + my
-    r2 = 1 - (pred - yt).square().sum(0) / (yt - yt.mean(0)).square().sum(0).clamp(min=1e-12)
-    return dict(l1=(pred - yt).abs().mean().item(), r2=r2.mean().item(), l1_mean=(yt - my).abs().mean().item())
+    return probe_scores((xt - mx) @ W + my, yt, my)
+
+
+def probe_scores(pred, y, y_train_mean):
+    """L1, R² (mean and per dimension) of held-out predictions pred (N, A) against y (N, A)."""
+    pred, y = pred.double(), y.double()
+    r2 = 1 - (pred - y).square().sum(0) / (y - y.mean(0)).square().sum(0).clamp(min=1e-12)
+    return dict(l1=(pred - y).abs().mean().item(), r2=r2.mean().item(), r2_per_dim=r2.tolist(),
+                l1_mean=(y - y_train_mean.double()).abs().mean().item())
+
+
+def mlp_probe(x_train, y_train, x_test, y_test, hidden=128, steps=1000, lr=3e-3, seed=0):
+    """A small non-linear probe: a 2-hidden-layer MLP fit full batch (Adam) on standardised features and
+    targets, scored on the held-out pairs like ridge_probe. Where it beats the linear probe, the latent holds
+    the action but not linearly (e.g. FSQ's grid, whose linear span has only len(levels) dims per token)."""
+    torch.manual_seed(seed)
+    x, xt = x_train.flatten(1).float().clone(), x_test.flatten(1).float().clone()  # may come from inference_mode
+    y = y_train.float().clone()
+    mx, sx, my, sy = x.mean(0), x.std(0).clamp(min=1e-6), y.mean(0), y.std(0).clamp(min=1e-6)
+    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
+                        nn.Linear(hidden, y.shape[1])).to(x.device)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = F.mse_loss(net((x - mx) / sx), (y - my) / sy)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        pred = net((xt - mx) / sx) * sy + my
+    return probe_scores(pred, y_test, my)
 
 
 class Adapter(nn.Module):
@@ -294,3 +327,136 @@ def train_adapter(actions, z_e, steps=500, lr=3e-3, seed=0):
             opt.step()
             losses.append(loss.item())
     return adapter.eval(), losses
+
+
+# ----------------------------------------------------------------------------------------------------
+# the state probe: where the objects are in a frame, read by a small CNN trained on real frames, so that a
+# rollout is scored on whether its objects are where they should be (what a user looks at), not on pixels
+
+def state_layout(S):
+    """Columns of a state vector of S dims: (agent xy, [block xy, ...]). The built-in simulator's (8,) is agent
+    xy then 3 block xy, zeros for absent blocks; any other layout is read as agent xy then one object's xy
+    (PushT: the T's position). Positions are in frame widths (the built-in arena is the frame)."""
+    return (0, 1), ([(2, 3), (4, 5), (6, 7)] if S == 8 else [(2, 3)] if S >= 4 else [])
+
+
+class StateProbe(nn.Module):
+    """Frame (B, 3, R, R) in [-1, 1] -> two heat maps (B, 2, R, R): the agent's and the blocks'.
+
+    Trained on real frames to draw a small Gaussian at every object's centre (dense targets, as in pose
+    estimation, learn in hundreds of steps where regressing coordinates from the whole frame took thousands),
+    fully convolutional, so a block is found wherever it is, one map for all blocks, so their order in the
+    state does not matter. `locate` reads the peaks out.
+    """
+
+    def __init__(self, width=24):
+        super().__init__()
+        layers, c = [], 3
+        for dilation in (1, 2, 4, 1):
+            layers += [nn.Conv2d(c, width, 3, 1, dilation, dilation=dilation), nn.SiLU()]
+            c = width
+        self.net = nn.Sequential(*layers, nn.Conv2d(width, 2, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def object_maps(states, S, res, sigma=1.0):
+    """Targets: states (N, S) -> (N, 2, res, res), Gaussians of height 1 at the agent's and the blocks' centres."""
+    agent, blocks = state_layout(S)
+    px = (torch.arange(res, device=states.device) + 0.5) / res  # pixel centres, frame widths
+    def gauss(xy):  # (N, 2) -> (N, res, res); rows are y
+        return torch.exp(-((px[None, :, None] - xy[:, 1, None, None]).square() + (px[None, None, :] - xy[:, 0, None, None]).square())
+                         * res ** 2 / (2 * sigma ** 2))
+    maps = torch.zeros(len(states), 2, res, res, device=states.device)
+    maps[:, 0] = gauss(states[:, list(agent)])
+    for pair in blocks:
+        xy = states[:, list(pair)]
+        maps[:, 1] = torch.maximum(maps[:, 1], gauss(xy) * (xy.abs().sum(1) > 0)[:, None, None])
+    return maps
+
+
+def locate(heat, threshold=0.3):
+    """Heat maps (N, 2, R, R) -> the agent's position (N, 2) (its map's peak), a (N, R, R) mask of the block
+    map's local maxima above threshold, and the sub-pixel position at every pixel (N, R, R, 2) of the block map.
+    Positions are refined to sub-pixel by the centroid of the 5 x 5 neighbourhood of the peak (a 3 x 3 one
+    is biased towards the pixel centre by a third of a pixel)."""
+    N, _, R, _ = heat.shape
+    px = (torch.arange(R, device=heat.device) + 0.5) / R
+    w = heat.clamp(min=0)
+    box = lambda t: F.avg_pool2d(t, 5, 1, 2, count_include_pad=False)
+    mass = box(w).clamp(min=1e-6)
+    cx, cy = box(w * px[None, None, None, :]) / mass, box(w * px[None, None, :, None]) / mass  # (N, 2, R, R)
+    i = heat[:, 0].flatten(1).argmax(1)
+    agent = torch.stack([cx[:, 0].flatten(1).gather(1, i[:, None])[:, 0], cy[:, 0].flatten(1).gather(1, i[:, None])[:, 0]], 1)
+    b = heat[:, 1]
+    peaks = (b == F.max_pool2d(b[:, None], 3, 1, 1)[:, 0]) & (b > threshold)
+    return agent, peaks, torch.stack([cx[:, 1], cy[:, 1]], -1)
+
+
+def object_distances(heat, states, miss=0.5):
+    """Position errors from heat maps (N, 2, R, R) against true states (N, S): dict(agent (N,), blocks (N,)).
+    A block's error is the distance to the nearest block peak (at most `miss`, also when no peak is left: a
+    vanished block counts as `miss`), averaged over the blocks present; NaN where none is."""
+    agent_cols, blocks = state_layout(states.shape[-1])
+    agent, peaks, block_xy = locate(heat)
+    out = dict(agent=(agent - states[:, list(agent_cols)]).norm(dim=-1))
+    if blocks:
+        true = torch.stack([states[:, list(p)] for p in blocks], 1)  # (N, n, 2)
+        present = true.abs().sum(-1) > 0
+        d = (block_xy.flatten(1, 2)[:, None] - true[:, :, None]).norm(dim=-1)  # (N, n, R*R)
+        d = d.masked_fill(~peaks.flatten(1)[:, None], miss).min(-1).values.clamp(max=miss)
+        out['blocks'] = (d * present).sum(-1) / present.sum(-1)
+    return out
+
+
+def fit_state_probe(sampler, device='cpu', episodes=400, steps=2400, batch=32, lr=3e-3, seed=0):
+    """Train a StateProbe on the frames of up to `episodes` training episodes (MSE to the target maps, Adam,
+    cosine decay). The probe is a measuring instrument: it only ever sees real frames."""
+    torch.manual_seed(seed)
+    eps = [sampler.get_episode(i) for i in sampler.episodes('train')[:episodes]]
+    frames = torch.from_numpy(np.concatenate([e['frames'] for e in eps]))  # (N, R, R, 3) uint8
+    states = torch.from_numpy(np.concatenate([e['states'] for e in eps])).float().to(device)
+    probe = StateProbe().to(device)
+    opt = torch.optim.Adam(probe.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for i in tqdm(range(steps), desc='state probe', leave=False):
+        for grp in opt.param_groups:
+            grp['lr'] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
+        idx = torch.randint(len(frames), (batch,), generator=g)
+        target = object_maps(states[idx], states.shape[1], frames.shape[1])
+        loss = F.mse_loss(probe(to_model(frames[idx][:, None], device)[:, 0]), target) * 100
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return probe.eval()
+
+
+def load_state_probe(sampler, device='cpu', steps=2400):
+    """The dataset's state probe, trained once and cached beside its shards (state_probe.pt), so that every
+    checkpoint evaluated on the same data is measured by the same instrument. None without states, or when
+    the states' position columns (state_layout) are not positions in frame widths, within [0, 1]."""
+    if sampler.states is None:
+        return None
+    agent, blocks = state_layout(sampler.states.shape[1])
+    cols = list(agent) + [c for pair in blocks for c in pair]
+    if not (np.min(sampler.states[:, cols]) >= 0 and np.max(sampler.states[:, cols]) <= 1):
+        print(f"no state probe: the states of {sampler.dir} are not positions in frame widths (columns {cols})")
+        return None
+    path = os.path.join(sampler.dir, 'state_probe.pt')
+    probe = StateProbe().to(device)
+    if os.path.isfile(path):
+        probe.load_state_dict(torch.load(path, map_location=device))
+        return probe.eval()
+    print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
+    probe = fit_state_probe(sampler, device, steps=steps)
+    save_checkpoint(probe.state_dict(), path)
+    return probe
+
+
+@torch.inference_mode()
+def state_errors(probe, frames, states):
+    """Object position errors of frames (B, L, 3, H, W) as the probe reads them, against the true states
+    (B, L, S): object_distances, each (B, L), in frame widths (the built-in arena is 1 wide)."""
+    d = object_distances(probe(frames.flatten(0, 1)), states.flatten(0, 1).to(frames))
+    return {k: v.view(frames.shape[:2]) for k, v in d.items()}

@@ -3,10 +3,11 @@
     python data.py --out_dir=DIR --episodes=N [--seed=S] [--T=48] [--res=64]   # simulator -> .npz files
     python data.py --env=pusht --out_dir=DIR --episodes=N                       # PushT (pusht.py) -> .npz
     python data.py prepare --src=DIR --out_dir=DIR --res=R [--skip_bad]         # any folder -> shards
+    python data.py --format=lerobot --out_dir=DIR --episodes=N                  # a LeRobot v3.0 dataset (lerobot.py)
     python data.py --bench                                                      # frames/s and clips/s
 
-Every source (simulator, .npz folders, videos) ends up "prepared" the nanoGPT way: raw uint8 frames
-in a few shard files read with np.memmap, plus index.json saying where each episode lives.
+Every source (simulator, .npz folders, videos, LeRobot datasets) ends up "prepared" the nanoGPT way: raw
+uint8 frames in a few shard files read with np.memmap, plus index.json saying where each episode lives.
 A folder is a dataset iff it has index.json, which is written last, so a crash never leaves a half one.
 """
 import argparse, json, os, shutil, tempfile, time, warnings
@@ -422,16 +423,30 @@ def _pack(out_dir, res, episodes, shard_frames, src, src_files=None):
     return out_dir
 
 
-def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_000):
-    """Pack a folder of .npz/video episodes into shards at res x res (20k frames = 245 MB at 64 px).
-    Bad files, and episodes shorter than clip_len, raise ValueError naming the file, or are skipped with a
-    warning when skip_bad."""
-    files = _episode_files(src)
+def _lerobot(src, camera='', stride=1):
+    """A LeRobot dataset root (meta/info.json) as a lerobot.Source (one camera, every stride-th frame), else None."""
+    import lerobot  # here, not at the top: one concept per file, and pyarrow/av load only for a LeRobot root
+    return lerobot.Source(src, camera, stride) if lerobot.is_lerobot(src) else None
+
+
+def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_000, camera='', stride=1):
+    """Pack a folder of .npz/video episodes, or a LeRobot dataset (its `camera`, every `stride`-th frame), into
+    shards at res x res (20k frames = 245 MB at 64 px). Bad files, and episodes shorter than clip_len, raise
+    ValueError naming the file, or are skipped with a warning when skip_bad. Prints frames/s."""
+    source = _lerobot(src, camera, stride)
+    if source is not None:
+        names, src_files = source.names, source.files
+        load = lambda k: source.load(k, lambda f: resize(f[None], res)[0])
+    else:
+        names = src_files = [os.path.basename(f) for f in _episode_files(src)]
+        load = lambda k: load_episode(os.path.join(src, names[k]), res)
+    t0, n = time.perf_counter(), [0]
 
     def episodes():
-        for path in tqdm(files, desc=f'prepare {src}'):
+        for k, name in enumerate(tqdm(names, desc=f'prepare {src}')):
+            path = os.path.join(src, name)
             try:
-                ep = load_episode(path, res)
+                ep = load(k)
                 if clip_len and len(ep['frames']) < clip_len:
                     raise ValueError(f"{path}: {len(ep['frames'])} frames, shorter than clip_len={clip_len}")
             except ValueError as e:
@@ -439,8 +454,12 @@ def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_00
                     raise
                 warnings.warn(f"skipping bad episode: {e}")
                 continue
-            yield os.path.basename(path), ep
-    return _pack(out_dir, res, episodes(), shard_frames, src, [os.path.basename(f) for f in files])
+            n[0] += len(ep['frames'])
+            yield name, ep
+    out = _pack(out_dir, res, episodes(), shard_frames, src, src_files)
+    dt = time.perf_counter() - t0
+    print(f"prepared {src}: {n[0]} frames at {res}x{res} in {dt:.1f} s ({n[0] / dt:,.0f} frames/s)")
+    return out
 
 
 def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, world='big', policy='explore', shard_frames=20_000):
@@ -468,10 +487,10 @@ def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, world='big',
     return out
 
 
-def resolve_data(data_dir, res, clip_len=None, skip_bad=False, world='big', policy='explore'):
+def resolve_data(data_dir, res, clip_len=None, skip_bad=False, world='big', policy='explore', camera='', stride=1):
     """The prepared dir for --data: None -> the built-in dataset of that world and policy; a prepared folder
     -> itself; a folder of episodes -> prepared once into <data_dir>/.prepared_<res> (redone when its file
-    list changes)."""
+    list changes); a LeRobot dataset likewise, into .prepared_<res>_<camera>[_stride<stride>]."""
     if data_dir is None:
         return default_dataset(res, world=world, policy=policy)
     if not os.path.isdir(data_dir):
@@ -482,15 +501,16 @@ def resolve_data(data_dir, res, clip_len=None, skip_bad=False, world='big', poli
         if have != res:
             raise ValueError(f"--data={data_dir} was prepared at res={have}, not res={res}; prepare it again")
         return data_dir
-    files = [os.path.basename(f) for f in _episode_files(data_dir)]
-    if not files:
+    source = _lerobot(data_dir, camera, stride)
+    files = source.files if source else [os.path.basename(f) for f in _episode_files(data_dir)]
+    if not files or source and not source.names:
         raise ValueError(f"empty dataset: no .npz/{'/'.join(VIDEO_EXTS)} episodes in --data={data_dir}")
-    cache = os.path.join(data_dir, f'.prepared_{res}')
+    cache = os.path.join(data_dir, f'.prepared_{res}' + (source.tag if source else ''))
     if os.path.exists(os.path.join(cache, INDEX)):
         with open(os.path.join(cache, INDEX)) as f:
             if json.load(f)['src_files'] == files:
                 return cache
-    return prepare(data_dir, cache, res, clip_len, skip_bad)
+    return prepare(data_dir, cache, res, clip_len, skip_bad, camera=camera, stride=stride)
 
 
 # ----------------------------------------------------------------------------- sampling clips
@@ -561,14 +581,22 @@ class ClipSampler:
 
 # ----------------------------------------------------------------------------- command line
 
-def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', world='big', policy='explore'):
+def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', world='big', policy='explore', format='npz'):
     """Episodes of the built-in simulator (env='sim', in `world` under `policy`) or of PushT ('pusht') as
-    ep_XXXXXX.npz files (frames, actions, states; n_blocks for sim), each written atomically."""
+    ep_XXXXXX.npz files (frames, actions, states; n_blocks for sim), each written atomically, or (format=
+    'lerobot') as a LeRobot v3.0 dataset at 10 fps (lerobot.write_dataset)."""
     if env == 'pusht':
         from pusht import generate_pusht_episode  # here, not at the top: pusht.py imports data.py
         generate = lambda s: generate_pusht_episode(s, T, res)
     else:
         generate = lambda s: generate_episode(s, T, res, world, policy)
+    if format == 'lerobot':
+        import lerobot  # here, not at the top: it needs pyarrow and av
+        eps = (generate(_episode_seed(seed, i)) for i in tqdm(range(episodes), desc=f'writing {out_dir}'))
+        codec = lerobot.write_dataset(out_dir, eps)
+        print(f"wrote a LeRobot v3.0 dataset, video {codec}" + ('' if 'av1' in codec else
+              " (this PyAV build has no AV1 encoder)") + f": {out_dir}")
+        return
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):
         ep = generate(_episode_seed(seed, i))
@@ -610,7 +638,11 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--T', type=int, default=48)
     p.add_argument('--res', type=int, default=64)
-    p.add_argument('--src', help='prepare: folder of .npz/.mp4/.webm/.gif episodes')
+    p.add_argument('--format', choices=['npz', 'lerobot'], default='npz',
+                   help='generate: .npz files or a LeRobot v3.0 dataset')
+    p.add_argument('--src', help='prepare: folder of .npz/.mp4/.webm/.gif episodes, or a LeRobot dataset')
+    p.add_argument('--camera', default='', help="prepare, LeRobot: the video feature ('' = the first)")
+    p.add_argument('--frame_stride', type=int, default=1, help='prepare, LeRobot: keep every Nth frame')
     p.add_argument('--clip_len', type=int, default=None, help='prepare: refuse shorter episodes')
     p.add_argument('--skip_bad', type=flag, nargs='?', const=True, default=False)
     p.add_argument('--bench', type=flag, nargs='?', const=True, default=False)
@@ -620,9 +652,11 @@ def main(argv=None):
     if not args.out_dir or (args.command == 'prepare' and not args.src):
         p.error('--out_dir is required (and --src for prepare)')
     if args.command == 'prepare':
-        prepare(args.src, args.out_dir, args.res, args.clip_len, args.skip_bad)
+        prepare(args.src, args.out_dir, args.res, args.clip_len, args.skip_bad, camera=args.camera,
+                stride=args.frame_stride)
     else:
-        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env, args.world, args.policy)
+        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env, args.world, args.policy,
+                       args.format)
 
 
 if __name__ == '__main__':

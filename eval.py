@@ -4,9 +4,11 @@ Measure a CoLA-World checkpoint as the paper does, in one command (6 seconds for
   python eval.py --ckpt=out/ckpt.pt
   python eval.py --ckpt=out/ckpt.pt --data=/path/to/episodes --n_clips=64 --horizon=20
 
-1. latent action quality: codebook health of the IDM's codes on held-out episodes, and a linear probe
-   (closed-form ridge) from the latent actions (quantized vectors for quantized models) to the true
-   actions, fit on training episodes and scored on held-out ones;
+1. latent action quality: codebook health of the IDM's codes on held-out episodes, and probes to the true
+   actions, fit on training episodes and scored on held-out ones: the paper's linear probe (closed-form
+   ridge) on the latent actions (quantized vectors for quantized models), and beside it a linear probe on
+   one-hot codes (the same capacity for VQ and FSQ), one on the IDM's output before quantization, and an
+   MLP on the quantized vector, each with R^2 per action dimension;
 2. real-action adaptation: a 2-layer MLP adapter from real actions to latent actions, learned from a few
    dozen labelled training episodes, and the codebook usage of its outputs (the paper: two-stage adapters
    collapse onto few codes);
@@ -32,6 +34,8 @@ from configurator import configure, fail
 # settings
 ckpt = 'out/ckpt.pt'
 data = ''               # folder of episodes to evaluate on; '' = the data the checkpoint was trained on
+camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 n_clips = 16            # held-out clips for video simulation
 horizon = 10            # generated frames per clip, after the n_context given ones
 sample_steps = 2        # Euler steps per window (measured: 1-2 steps beat 10 at CPU scale; README)
@@ -40,6 +44,7 @@ n_episodes = 48         # at most this many episodes of each split for the probe
 probe_ridge = 1e-3      # ridge penalty, relative to the mean eigenvalue of the latents' Gram matrix
 adapter_episodes = 32   # labelled training episodes the adapter learns from
 adapter_steps = 500     # full-batch Adam steps of the adapter
+state_probe_steps = 2400  # training steps of the data's state probe (cached beside the data); 0 = no state probe
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
 configure(globals(), sys.argv[1:])
@@ -48,7 +53,7 @@ configure(globals(), sys.argv[1:])
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 t_start = time.time()
 try:
-    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed)
+    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 nc, lam, size = wm_cfg.n_context, models['lam'], models['lam'].quantizer.size
@@ -63,10 +68,16 @@ def quantize(z_e):
     return z, codes
 
 
-def report(prefix, gen):
-    """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim and their per-step lists."""
+def report(prefix, gen, name='state_err'):
+    """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim, and with a state probe the
+    objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
     p, s = cola.scores(gen, clips, nc)
-    return {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
+    out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
+    if probe is not None:
+        for obj, err in cola.state_errors(probe, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
+            per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
+            out.update({f'{prefix}{name}_{obj}': mean(per_step), f'{prefix}{name}_{obj}_per_step': per_step})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -92,11 +103,26 @@ if not real:
 if not real and labelled:
     a_val = torch.cat(a_val)
     ze_train, a_train = cola.episode_latents(lam, sampler, train_ids, device)
-    probe = cola.ridge_probe(quantize(torch.cat(ze_train[:n_episodes]))[0], torch.cat(a_train[:n_episodes]),
-                             z_val, a_val, probe_ridge)
-    out.update(probe_l1=probe['l1'], probe_r2=probe['r2'], probe_l1_mean=probe['l1_mean'])
+    ze_tr, a_tr = torch.cat(ze_train[:n_episodes]), torch.cat(a_train[:n_episodes])
+    z_tr, codes_tr = quantize(ze_tr)
+    probe = cola.ridge_probe(z_tr, a_tr, z_val, a_val, probe_ridge)
+    out.update(probe_l1=probe['l1'], probe_r2=probe['r2'], probe_r2_per_dim=probe['r2_per_dim'],
+               probe_l1_mean=probe['l1_mean'])
     print(f"linear probe latent -> true action ({min(n_episodes, len(ze_train))} train / {len(val_ids)} held-out "
           f"episodes): L1 {probe['l1']:.4f} (predicting the mean: {probe['l1_mean']:.4f}), R^2 {probe['r2']:.3f}")
+    # The paper's probe reads the quantized vector, which is not the same test for every quantizer: FSQ's is
+    # linear in len(levels) grid coordinates per token, VQ's gives each entry a free 32-d vector. One-hot codes
+    # give both the same capacity; the IDM's output before quantization shows what the bottleneck lost; an MLP
+    # on the quantized vector tells "the action is there" from "it is linearly readable".
+    fair = dict(pre=cola.ridge_probe(ze_tr, a_tr, ze_val, a_val, probe_ridge),
+                mlp=cola.mlp_probe(z_tr, a_tr, z_val, a_val, seed=seed))
+    if codes_val is not None:
+        onehot = lambda c: torch.nn.functional.one_hot(c, size).flatten(1).float()  # (N, n_tok * size)
+        fair['onehot'] = cola.ridge_probe(onehot(codes_tr), a_tr, onehot(codes_val), a_val, probe_ridge)
+    for name, p in fair.items():
+        out.update({f'probe_{name}_r2': p['r2'], f'probe_{name}_r2_per_dim': p['r2_per_dim']})
+    print("probe R^2 per action dim: quantized " + ', '.join(f"{r:.3f}" for r in probe['r2_per_dim']) + "; "
+          + "; ".join(f"{name} {p['r2']:.3f}" for name, p in fair.items()))
 
     # ------------------------------------------------------------------------------------------------
     # 2. real-action adaptation: real action -> adapter -> the LAM's quantizer -> world model (rolled out in 3.)
@@ -116,6 +142,12 @@ if not real and labelled:
 #    adapter's, by the null action, and copying the last frame
 batch = sampler.sample(n_clips)
 clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
+# where the objects are in every generated frame, read by a probe trained on real frames; its error on the
+# real held-out frames themselves is the floor of what it can tell
+probe = cola.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+if probe is not None:
+    out.update({k: v for k, v in report('', clips, 'state_floor').items() if k.startswith('state_floor')
+                and not k.endswith('per_step')})
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
       f"{sample_steps} Euler steps, guidance {cfg_scale}")
 # Every condition is rolled out by its own call with the same seed: the clips share their sampling noise
@@ -140,6 +172,13 @@ print("PSNR dB (left) and SSIM (right) per generated frame\n step " + ''.join(f"
 for k in range(horizon):
     row(k + 1, [out[p + 'psnr_per_step'][k] for _, p in cols], [out[p + 'ssim_per_step'][k] for _, p in cols])
 row('mean', [out[p + 'psnr'] for _, p in cols], [out[p + 'ssim'] for _, p in cols])
+for obj in ('agent', 'blocks'):
+    if f'state_err_{obj}' in out:
+        print(f"{obj} position error per generated frame (arena units; the probe on real frames: "
+              f"{out[f'state_floor_{obj}']:.4f})\n step " + ''.join(f"{n:>10}" for n, _ in cols))
+        for k in list(range(horizon)) + ['mean']:
+            key = lambda p: out[f'{p}state_err_{obj}'] if k == 'mean' else out[f'{p}state_err_{obj}_per_step'][k]
+            print(f"{k + 1 if k != 'mean' else k:>5} " + ''.join(f"{key(p):10.4f}" for _, p in cols))
 
 out['wall_s'] = time.time() - t_start
 print(f"done in {out['wall_s']:.0f} s (LPIPS and FVD are not computed: their networks cannot be downloaded here)")

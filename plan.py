@@ -38,6 +38,8 @@ from world_model import rollout
 # settings (applied by configure() at the bottom, so that the tests can import the planner)
 ckpt = 'out/ckpt.pt'
 data = ''               # labelled episodes the adapter learns from (train split); '' = the checkpoint's data
+camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 tasks = 'reach,push'    # comma-separated task families: reach, push (built-in simulator), pusht
 planners = 'ours,random,oracle'
 n_tasks = 10            # tasks per family
@@ -47,11 +49,11 @@ max_steps = 24          # environment steps per task
 method = 'mppi'         # 'mppi' | 'cem'
 n_samples = 50          # action sequences per optimisation iteration (the paper's MPPI: 50)
 horizon = 8             # actions per sequence (8 = four world-model windows of the CPU preset's 4-frame clips)
-n_iters = 1             # optimisation iterations per planning step (the plan is warm-started across steps)
-exec_steps = 4          # actions executed before replanning
-noise_std = 0.7         # std of the sampled action perturbations (actions live in [-1, 1])
+n_iters = 2             # optimisation iterations per planning step (the plan is warm-started across steps)
+exec_steps = 2          # actions executed before replanning
+noise_std = 0.5         # std of the sampled action perturbations (actions live in [-1, 1])
 smoothing = 0.8         # correlation of consecutive perturbations (0 = white noise)
-temperature = 0.3       # MPPI: softmax temperature, in units of the samples' cost std
+temperature = 0.1       # MPPI: softmax temperature, in units of the samples' cost std
 elite_frac = 0.1        # CEM: fraction of samples the Gaussian is refit to
 sample_steps = 1        # Euler steps per world-model window; eval.py's 2 would double the time of a plan
 cfg_scale = 1.0         # classifier-free guidance (!= 1 doubles the batch)
@@ -79,8 +81,8 @@ class Planner:
     with zeros, so the next planning step starts from the rest of this plan (warm start).
     """
 
-    def __init__(self, method, horizon, action_dim, n_samples=50, n_iters=1, std=0.7, smoothing=0.8,
-                 temperature=0.3, elite_frac=0.1, seed=0):
+    def __init__(self, method, horizon, action_dim, n_samples=50, n_iters=2, std=0.5, smoothing=0.8,
+                 temperature=0.1, elite_frac=0.1, seed=0):
         if method not in ('mppi', 'cem'):
             raise ValueError(f"--method must be mppi or cem, got {method!r}")
         self.method, self.n_samples, self.n_iters, self.std, self.smoothing = method, n_samples, n_iters, std, smoothing
@@ -249,7 +251,7 @@ def main():
     if bad:
         fail(f"unknown {sorted(bad)}: --tasks takes reach, push, pusht; --planners ours, random, oracle")
     try:
-        models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed)
+        models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed, camera=camera, frame_stride=frame_stride)
         res, nc = wm_cfg.res, wm_cfg.n_context
         if 'pusht' in families:
             PushT(res)  # fails here, not after an hour of planning, when gym-pusht is absent

@@ -7,13 +7,15 @@ one clip to another, and a tour of its codebook.
 
 out_dir/rollout_K.gif  ground truth | generated | absolute difference, for held-out clip K: the world model
                        rolls out from the clip's first n_context frames, driven by the latent actions the
-                       IDM infers from the ground truth (sliding windows past one training clip)
+                       IDM infers from the ground truth (sliding windows past one training clip), or by the
+                       clip's real actions for a checkpoint of `train.py --mode=actions`
 out_dir/transfer.gif   one row per clip K: clip K | clip K+1 | clip K+1's first frames driven by clip K's
                        latent actions (the classic latent-action demo: the motion moves, the scene stays)
 out_dir/codebook.gif   one cell per codebook entry (FSQ: level combination), that code in every token slot,
                        played for tour_steps frames from the same start
 A bar under every GIF frame marks time: green over the given context frames, red over generated ones.
-Prints PSNR/SSIM per horizon step; the last line of stdout is one JSON object.
+Prints PSNR/SSIM per horizon step, and on data with states the position errors of the agent and blocks read by
+the data's state probe (eval.py); the last line of stdout is one JSON object.
 """
 import json
 import math
@@ -33,12 +35,15 @@ from world_model import rollout
 # settings
 ckpt = 'out/ckpt.pt'
 data = ''               # folder of episodes to sample from; '' = the data the checkpoint was trained on
+camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 out_dir = 'samples'
 n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)
 horizon = 22            # generated frames per clip, after the n_context given ones
 tour_steps = 4          # frames each code is played for in the codebook tour
 sample_steps = 2        # Euler steps per window (as eval.py)
 cfg_scale = 1.0         # classifier-free guidance scale (as eval.py)
+state_probe_steps = 2400  # the data's state probe (as eval.py; cached beside the data); 0 = none
 fps = 5
 scale = 2               # GIF pixels per frame pixel
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
@@ -48,7 +53,7 @@ configure(globals(), sys.argv[1:])
 
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 try:
-    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed)
+    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 nc, quantizer = wm_cfg.n_context, models['lam'].quantizer
@@ -84,19 +89,32 @@ def codebook_vectors(q):
 
 
 # ----------------------------------------------------------------------------------------------------
-# rollouts on held-out clips, driven by the IDM's latent actions
+# rollouts on held-out clips, driven by the IDM's latent actions (or the clips' real actions)
 batch = sampler.sample(n_clips)
 clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
-acts = cola.latent_actions(models['lam'], clips)  # z: (n_clips, L-1, n_tok, d)
-gen = cola.simulate(models, clips, acts['z'], sample_steps, cfg_scale, seed)
+real = settings['mode'] == 'actions'
+if real and batch['actions'] is None:
+    fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
+z = (cola.real_latents(batch['actions'].to(device), models['lam'].cfg) if real
+     else cola.latent_actions(models['lam'], clips)['z'])  # (n_clips, L-1, n_tok, d)
+gen = cola.simulate(models, clips, z, sample_steps, cfg_scale, seed)
+copy = cola.copy_last(clips, nc)
 p, s = cola.scores(gen, clips, nc)
-p_copy, s_copy = cola.scores(cola.copy_last(clips, nc), clips, nc)
-print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, {nc} context + {horizon} generated frames")
-print("step   PSNR dB   SSIM    copy-last: PSNR dB   SSIM")
-for k in range(horizon):
-    print(f"{k + 1:4d}   {p[k]:7.2f} {s[k]:6.3f}               {p_copy[k]:7.2f} {s_copy[k]:6.3f}")
+p_copy, s_copy = cola.scores(copy, clips, nc)
+print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, {nc} context + {horizon} generated "
+      f"frames, driven by the {'real' if real else 'latent'} actions")
 mean = lambda xs: sum(xs) / len(xs)
-print(f"mean   {mean(p):7.2f} {mean(s):6.3f}               {mean(p_copy):7.2f} {mean(s_copy):6.3f}")
+columns = {'PSNR dB': p, 'SSIM': s, 'copy PSNR': p_copy, 'copy SSIM': s_copy}
+probe = cola.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+if probe is not None:  # object position errors, arena units; NaN-free means over the clips
+    truth_states = batch['states'][:, nc:].to(device)
+    for name, frames in (('', gen), ('copy ', copy)):
+        for obj, err in cola.state_errors(probe, frames[:, nc:], truth_states).items():
+            columns[f'{name}{obj} err'] = err.nanmean(0).tolist()
+print('step ' + ''.join(f"{k:>13}" for k in columns))
+for k in range(horizon):
+    print(f"{k + 1:4d} " + ''.join(f"{v[k]:13.3f}" for v in columns.values()))
+print('mean ' + ''.join(f"{mean(v):13.3f}" for v in columns.values()))
 truth, fake = cola.to_uint8(clips), cola.to_uint8(gen)  # (n_clips, L, H, W, 3)
 diff = np.abs(truth.astype(np.int16) - fake).astype(np.uint8)
 for k in range(n_clips):
@@ -106,19 +124,19 @@ for k in range(n_clips):
 # action transfer: clip k's latent actions drive the first frames of clip k+1
 if n_clips >= 2:
     target = torch.arange(1, n_clips + 1) % n_clips
-    moved = cola.to_uint8(cola.simulate(models, clips[target], acts['z'], sample_steps, cfg_scale, seed))
+    moved = cola.to_uint8(cola.simulate(models, clips[target], z, sample_steps, cfg_scale, seed))
     write_gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
 
 # ----------------------------------------------------------------------------------------------------
 # codebook tour: from clip 0's context (and its true context actions), each code repeated for tour_steps
-codebook = codebook_vectors(quantizer)
+codebook = None if real else codebook_vectors(quantizer)
 if codebook is None:
-    print("continuous latent actions: no codebook tour")
+    print("real or continuous actions: no codebook tour")
 else:
-    n_tok = acts['z'].shape[2]
-    z = torch.cat([acts['z'][:1, :nc - 1].expand(len(codebook), -1, -1, -1),
-                   codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
-    tour = rollout(models['wm'], models['action'], clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z,
+    n_tok = z.shape[2]
+    z_tour = torch.cat([z[:1, :nc - 1].expand(len(codebook), -1, -1, -1),
+                        codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
+    tour = rollout(models['wm'], models['action'], clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour,
                    n_steps=sample_steps, cfg_scale=cfg_scale, generator=torch.Generator(device).manual_seed(seed))
     cols = math.ceil(math.sqrt(len(codebook)))
     rows = math.ceil(len(codebook) / cols)

@@ -10,6 +10,7 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import cola
 import data
@@ -130,6 +131,29 @@ def test_fsq_uses_every_level_combination():
     z = torch.randn(20000, 16) * 3
     z_q, codes, _, _ = fsq(z)
     assert fsq.size == 24 and set(codes.unique().tolist()) == set(range(24)) and torch.isfinite(z_q).all()
+
+
+def test_fresh_idm_already_reads_the_move_from_keypoints():
+    """An untrained IDM's latent must carry some of the move, or nothing tells the warm-up where to start: a
+    square moves by a random step over a fixed textured background; a ridge probe from the fresh IDM's output
+    to the step reaches R² > 0.4 on every seed (difference pooling alone: about 0.2)."""
+    g = torch.Generator().manual_seed(0)
+    n, res = 1200, 16
+    x = (torch.rand(n, 1, 3, res, res, generator=g) * 0.2 - 0.6).repeat(1, 2, 1, 1, 1)  # (n, 2 frames, 3, H, W)
+    pos, move = torch.randint(3, res - 7, (n, 2), generator=g), torch.randint(-2, 3, (n, 2), generator=g)
+    for i, ((cx, cy), (dx, dy)) in enumerate(zip(pos.tolist(), move.tolist())):
+        x[i, 0, :, cy:cy + 4, cx:cx + 4] = 0.8
+        x[i, 1, :, cy + dy:cy + dy + 4, cx + dx:cx + dx + 4] = 0.8
+    for seed in range(3):
+        r2 = {}
+        for k in (16, 0):
+            torch.manual_seed(seed)
+            cfg = LAMConfig(res=res, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, quantizer='none',
+                            max_frames=2, idm_keypoints=k)
+            with torch.no_grad():
+                z = LAM(cfg).eval().idm(x)[:, 0]
+            r2[k] = cola.ridge_probe(z[:800], move[:800].float(), z[800:], move[800:].float())['r2']
+        assert r2[16] > 0.4 and r2[16] > r2[0] + 0.2, (seed, r2)
 
 
 def test_dead_code_restart_revives_entries():
@@ -627,7 +651,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tm
 # ----------------------------------------------------------------------------------------------------
 # measurements (cola.py), sample.py, eval.py
 
-FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2']  # 2 context + 6 generated frames, 2 Euler steps
+FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
 
 
 @pytest.fixture(scope='module')
@@ -651,6 +675,27 @@ def test_probe_recovers_linear_map_and_not_noise():
     constant = torch.ones(3000, 2, 8)  # a collapsed codebook: the probe predicts the mean, no blow-up
     fit = cola.ridge_probe(constant[:2000], actions[:2000], constant[2000:] + 1, actions[2000:])
     assert fit['l1'] == pytest.approx(fit['l1_mean'], abs=1e-6)
+
+
+def test_probes_tell_linear_from_nonlinear_codes():
+    """eval.py's fair probes on latents with a known map: FSQ-like grid coordinates that are a non-monotone
+    function of the action defeat the linear probe but not the MLP or one-hot probes; per-dim R² is per dim."""
+    g = torch.Generator().manual_seed(0)
+    actions = torch.rand(3000, 2, generator=g) * 2 - 1
+    bins = ((actions + 1) * 4).long().clamp(max=7)  # 8 bins per dim: code = 8 * bin_x + bin_y, a known lookup
+    codes = bins[:, 0] * 8 + bins[:, 1]
+    scramble = torch.randperm(8, generator=g)  # grid coordinates in a scrambled order: not linear in the action
+    grid = scramble[bins].float()[:, None, :]  # (N, n_tok=1, 2), like FSQ's rounded coordinates
+    tr, te = slice(0, 2000), slice(2000, None)
+    linear = cola.ridge_probe(grid[tr], actions[tr], grid[te], actions[te])
+    mlp = cola.mlp_probe(grid[tr], actions[tr], grid[te], actions[te])
+    onehot = F.one_hot(codes, 64).float()
+    hot = cola.ridge_probe(onehot[tr], actions[tr], onehot[te], actions[te])
+    assert linear['r2'] < 0.5 and mlp['r2'] > 0.9 and hot['r2'] > 0.9  # 8 bins: R² of binning is 1 - 1/64
+    assert len(mlp['r2_per_dim']) == 2 and mlp['r2'] == pytest.approx(sum(mlp['r2_per_dim']) / 2)
+    half = torch.cat([actions[:, :1], torch.randn(3000, 1, generator=g)], 1)[:, None]  # only dim 0 is encoded
+    fit = cola.ridge_probe(half[tr], actions[tr], half[te], actions[te])
+    assert fit['r2_per_dim'][0] > 0.99 and abs(fit['r2_per_dim'][1]) < 0.05
 
 
 def test_ssim_matches_scikit_image():
@@ -711,6 +756,57 @@ def test_sample_writes_gifs(tiny_ckpt, tmp_path):
     assert tour.shape == (5, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
 
 
+def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
+    """A --mode=actions checkpoint: eval.py rolls it out with the clips' real actions, and sample.py does the
+    same (same clips, same noise: the same PSNR), not with its untrained LAM."""
+    out = str(tmp_path / 'act')
+    train(out, '--mode=actions', '--actions_steps=4', data_dir=tiny_data)
+    flags = [f'--ckpt={out}/ckpt.pt', *FAST]
+    e, s = run('eval.py', *flags), run('sample.py', *flags, f'--out_dir={tmp_path}')
+    assert e.returncode == 0 and s.returncode == 0, e.stderr[-2000:] + s.stderr[-2000:]
+    ev, sa = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (e, s))
+    assert ev['mode'] == 'actions' and 'probe_r2' not in ev and 'adapter_psnr' not in ev
+    assert 'driven by the real actions' in s.stdout and sa['psnr'] == pytest.approx(ev['psnr'], abs=1e-3)
+    with torch.no_grad():  # and a different action sequence gives a different rollout: the actions are used
+        models, _ = cola.load_models(f'{out}/ckpt.pt')
+        clips = torch.rand(2, 5, 3, 16, 16) * 2 - 1
+        a = torch.rand(2, 4, 2) * 2 - 1
+        z = lambda acts: cola.real_latents(acts, models['lam'].cfg)
+        assert not torch.equal(cola.simulate(models, clips, z(a)), cola.simulate(models, clips, z(-a)))
+
+
+def test_state_probe_readout_finds_objects_in_any_order():
+    states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
+    heat = cola.object_maps(states, 8, 32)  # what a perfect probe draws
+    d = cola.object_distances(heat, states)
+    assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
+    swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
+    assert cola.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
+    moved = states.clone()
+    moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
+    moved[0, 4:6] = 0
+    d = cola.object_distances(cola.object_maps(moved, 8, 32), states)
+    assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
+    assert cola.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and cola.state_layout(10)[1] == [(2, 3)]  # PushT: the T
+
+
+def test_state_probe_learns_positions_and_is_cached(tmp_path):
+    """The probe fits object positions on its training frames (its held-out error on the built-in data is in
+    the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
+    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
+    sampler = data.ClipSampler(d, 4, 'val')
+    probe = cola.load_state_probe(sampler, steps=400)
+    assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
+    eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
+    frames = cola.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
+    states = torch.from_numpy(np.stack([e['states'] for e in eps]))
+    err = cola.state_errors(probe, frames, states)
+    mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
+    assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
+    again = cola.state_errors(cola.load_state_probe(sampler), frames, states)  # loaded from the cache
+    assert torch.equal(again['agent'], err['agent'])
+
+
 def test_eval_json_and_determinism(tiny_ckpt):
     flags = [f'--ckpt={tiny_ckpt}', *FAST, '--adapter_steps=30', '--adapter_episodes=3']
     runs = [run('eval.py', *flags) for _ in range(2)]
@@ -720,8 +816,15 @@ def test_eval_json_and_determinism(tiny_ckpt):
         for k in ('psnr', 'ssim'):
             assert math.isfinite(a[prefix + k]) and len(a[f'{prefix}{k}_per_step']) == 6
     for k in ('psnr_gain_over_null', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
-              'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss'):
+              'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss',
+              'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):
         assert math.isfinite(a[k]), k
+    for p in ('', 'adapter_', 'null_', 'copy_'):  # the state probe's position errors, per step
+        for obj in ('agent', 'blocks'):
+            assert math.isfinite(a[f'{p}state_err_{obj}']) and len(a[f'{p}state_err_{obj}_per_step']) == 6
+    assert a['state_floor_agent'] >= 0 and a['state_floor_blocks'] >= 0
+    for k in ('probe_r2', 'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):  # 2-d actions: two R² each
+        assert len(a[k + '_per_dim']) == 2 and a[k] == pytest.approx(sum(a[k + '_per_dim']) / 2, abs=1e-3), k
     assert not any('lpips' in k or 'fvd' in k for k in a)
     a.pop('wall_s'), b.pop('wall_s')
     assert a == b  # the same --seed gives the same figures
@@ -858,3 +961,112 @@ def test_experiments_runner_writes_results_and_resumes(tmp_path):
     again = json.load(open(res_dir / 'sim' / 'cola_s1.json'))
     figures = lambda e: {k: v for k, v in e.items() if k != 'wall_s'}
     assert figures(again['eval']) == figures(runs['cola_s1.json']['eval']) and again['curves'] == runs['cola_s1.json']['curves']
+
+
+# ----------------------------------------------------------------------------------------------------
+# LeRobot datasets (lerobot.py): simulator episodes written in both layouts, read back, trained on
+
+def _psnr(a, b):
+    return 10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b) ** 2), 1e-10))
+
+
+@pytest.fixture(scope='module')
+def lerobot_sets(tmp_path_factory):
+    """The same 9 simulator episodes (10-12 frames, 32 px) as a v3.0 dataset (AV1 if PyAV has an encoder; 2
+    episodes per video file, 8 per data file) and as a v2.1 one (H.264, a file per episode)."""
+    pytest.importorskip('av')
+    pytest.importorskip('pyarrow')
+    import lerobot
+    eps = [data.generate_episode(data._episode_seed(7, i), 10 + i % 3, 32) for i in range(9)]
+    root = tmp_path_factory.mktemp('lerobot')
+    v30, v21 = str(root / 'v30'), str(root / 'v21')
+    codec = lerobot.write_dataset(v30, iter(eps), episodes_per_file=2)
+    lerobot.write_dataset(v21, iter(eps), version='v2.1', codec='libx264')
+    return eps, v30, v21, codec
+
+
+def test_lerobot_layouts_read_back(lerobot_sets):
+    import av
+    import lerobot
+    eps, v30, v21, codec = lerobot_sets
+    assert codec in lerobot.AV1_ENCODERS, f"no AV1 encoder in this PyAV build ({codec}): the v3.0 test ran on H.264"
+    files = lambda root, sub: sorted(os.listdir(os.path.join(root, sub)))
+    assert files(v30, 'videos/observation.image/chunk-000') == [f'file-{i:03d}.mp4' for i in range(5)]
+    assert files(v30, 'data/chunk-000') == ['file-000.parquet', 'file-001.parquet']
+    assert files(v21, 'videos/chunk-000/observation.image') == [f'episode_{i:06d}.mp4' for i in range(9)]
+    for root, version, want in ((v30, 'v3.0', 'av1'), (v21, 'v2.1', 'h264')):
+        video = os.path.join(root, json.load(open(os.path.join(root, 'meta/info.json')))['video_path'].format(
+            video_key='observation.image', chunk_index=0, file_index=0, episode_chunk=0, episode_index=0))
+        with av.open(video) as c:
+            assert c.streams.video[0].codec_context.name in ((want,) if want == 'h264' else ('av1', 'libdav1d'))
+        src = lerobot.Source(root)
+        assert src.version == version
+        assert src.camera == 'observation.image' and src.names == [f'episode_{i:06d}' for i in range(9)]
+        frames = []
+        for k, ref in enumerate(eps):
+            ep = src.load(k)
+            frames.append(ep['frames'])
+            assert np.array_equal(ep['actions'], ref['actions']) and np.array_equal(ep['states'], ref['states'])
+            assert ep['frames'].shape == ref['frames'].shape and ep['frames'].dtype == np.uint8
+            # every frame, the first and last of each episode included, is its own (yuv420p: chroma at half size)
+            worst = min(_psnr(f, g) for f, g in zip(ep['frames'], ref['frames']))
+            assert worst > 25, (root, k, worst)
+        again = lerobot.Source(root)  # out of order: v3.0 seeks into a file (episode 3 starts at 1.2 s) and back
+        assert all(np.array_equal(again.load(k)['frames'], frames[k]) for k in (3, 2, 8, 0))
+        # a stride keeps every 2nd frame and state; an action is the mean of the two it spans
+        ep, ref = lerobot.Source(root, stride=2).load(2), eps[2]  # 12 frames -> 6
+        assert ep['frames'].shape[0] == 6 and np.array_equal(ep['states'], ref['states'][::2])
+        assert np.allclose(ep['actions'], ref['actions'][:10].reshape(5, 2, 2).mean(1))
+
+
+def test_lerobot_train_and_eval(lerobot_sets, tmp_path):
+    """train.py on each layout (CoLA on v3.0, real actions on v2.1), eval.py's probe against the parquet actions."""
+    eps, v30, v21, _ = lerobot_sets
+    out = str(tmp_path / 'cola')
+    train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=1', '--eval_clips=0', data_dir=v30)
+    prepared = os.path.join(v30, '.prepared_16_observation.image')
+    assert ckpt(out)['config']['camera'] == '' and os.path.exists(os.path.join(prepared, 'index.json'))
+    s = data.ClipSampler(prepared, 4)
+    assert all(np.array_equal(s.get_episode(k)['actions'], eps[k]['actions']) for k in range(9))
+    r = run('eval.py', f'--ckpt={out}/ckpt.pt', *FAST, '--adapter_steps=5', '--adapter_episodes=3', '--n_episodes=4')
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert math.isfinite(res['probe_r2']) and len(res['probe_r2_per_dim']) == 2 and 'linear probe' in r.stdout
+    train(str(tmp_path / 'act'), '--mode=actions', '--actions_steps=2', '--eval_clips=0', data_dir=v21)
+    assert ckpt(str(tmp_path / 'act'))['step'] == 2
+
+
+def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
+    import shutil
+    import lerobot
+    eps, v30, v21, _ = lerobot_sets
+    copy = lambda src, name: shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns('.prepared*'))
+    version = copy(v30, 'version')
+    info = json.load(open(version / 'meta/info.json'))
+    json.dump({**info, 'codebase_version': 'v9.9'}, open(version / 'meta/info.json', 'w'))
+    missing = copy(v21, 'missing')
+    os.remove(missing / 'videos/chunk-000/observation.image/episode_000003.mp4')
+    mismatch = copy(v21, 'mismatch')  # episode 0 (10 rows) gets episode 2's video (12 frames)
+    shutil.copy(mismatch / 'videos/chunk-000/observation.image/episode_000002.mp4',
+                mismatch / 'videos/chunk-000/observation.image/episode_000000.mp4')
+    cases = [([f'--data={version}'], "unknown codebase_version 'v9.9'"),
+             ([f'--data={v30}', '--camera=wrist'], '--camera=wrist is not a video feature'),
+             ([f'--data={missing}'], 'episode_000003.mp4: missing video'),
+             ([f'--data={mismatch}'], 'episode 0 has 12 frames in the video but 10 rows in')]
+    for flags, msg in cases:
+        r = train(str(tmp_path / 'o'), *flags, check=False)
+        last = r.stderr.strip().splitlines()[-1]  # after the progress bar of preparing, if it got that far
+        assert r.returncode == 2 and last.startswith('train.py: error: ') and msg in last, (flags, r.stderr[-500:])
+        assert 'Traceback' not in r.stderr, r.stderr
+    # --skip_bad: a bad episode is skipped with a warning naming it; an unreadable video as well
+    (mismatch / 'videos/chunk-000/observation.image/episode_000005.mp4').write_bytes(b'not a video')
+    with pytest.warns(UserWarning) as rec:
+        out = data.prepare(str(mismatch), str(tmp_path / 'p'), 16, skip_bad=True)
+    msgs = [str(w.message) for w in rec]
+    assert any('12 frames in the video' in m for m in msgs) and any('cannot read video' in m and 'episode_000005' in m for m in msgs)
+    kept = [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']]
+    assert kept == [f'episode_{i:06d}' for i in (1, 2, 3, 4, 6, 7, 8)]
+    # without pyarrow or av, one line says what to install
+    monkeypatch.setattr(lerobot.importlib, 'import_module', lambda name: (_ for _ in ()).throw(ImportError(name)))
+    with pytest.raises(ValueError, match='requirements-lerobot.txt'):
+        lerobot.Source(v30)

@@ -45,6 +45,8 @@ data = ''               # folder of .npz episodes, videos, or prepared shards; '
 world = 'big'           # built-in simulator: 'big' (the default demo) or 'small' (harder), data.WORLDS
 policy = 'explore'      # built-in simulator: 'explore' (smooth motion and pushes) or 'random' (i.i.d. moves)
 skip_bad = False        # skip unreadable data files with a warning instead of stopping
+camera = ''             # LeRobot --data: the camera (video feature in meta/info.json); '' = the first
+frame_stride = 1        # LeRobot --data: keep every Nth frame (for high-fps recordings)
 init_from = ''          # start from this checkpoint's world model (then pretraining is skipped)
 resume = False          # continue out_dir/ckpt.pt exactly where it stopped
 log_interval = 10       # steps between log.jsonl records
@@ -76,6 +78,7 @@ codebook_size = 32
 fsq_levels = (8, 4)
 dead_code_restart = True  # VQ: unused entries move onto encoder outputs; the log counts them (code_restarts)
 quant_anneal = 0.9      # soft-to-hard quantization over this fraction of the LAM's training steps (lam.LAM.forward)
+idm_keypoints = 16      # the IDM reads the move from K keypoints' displacements (0 = the difference pooling alone)
 idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: README)
 crop_min = 1.0          # random-crop augmentation while the LAM trains (1.0 = off; README)
 dec_depth = 2           # blocks of the two-stage decoder (built in two_stage mode only)
@@ -155,7 +158,7 @@ try:
         cola.check_compatible(init, config, init_from, modules=('wm',))
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
-    data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, world, policy)
+    data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, world, policy, camera, frame_stride)
     if ddp and master:
         dist.barrier()
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)

@@ -2,7 +2,7 @@
 The world model: a compact video diffusion transformer (DiT) on pixel patches, its action-conditioning
 modules, rectified-flow training and the Euler sampler with classifier-free guidance.
 
-Two modules, saved separately in checkpoints (CONTRACT.md):
+Two modules, saved separately in checkpoints (`wm` and `action`):
   VideoDiT       (`wm`)      the backbone; pretrained action-free, frozen during the warm-up.
   ActionEncoder  (`action`)  new modules that turn latent actions into per-frame modulation that is
                              ADDED to the timestep modulation in every block, as in the paper.
