@@ -28,6 +28,7 @@ import time
 import torch
 
 import cola
+import state_probe
 from configurator import configure, fail
 
 # ----------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def report(prefix, gen, name='state_err'):
     p, s = cola.scores(gen, clips, nc)
     out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
     if probe is not None:
-        for obj, err in cola.state_errors(probe, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
+        for obj, err in state_probe.state_errors(probe, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
             per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
             out.update({f'{prefix}{name}_{obj}': mean(per_step), f'{prefix}{name}_{obj}_per_step': per_step})
     return out
@@ -144,7 +145,7 @@ batch = sampler.sample(n_clips)
 clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
 # where the objects are in every generated frame, read by a probe trained on real frames; its error on the
 # real held-out frames themselves is the floor of what it can tell
-probe = cola.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+probe = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
 if probe is not None:
     out.update({k: v for k, v in report('', clips, 'state_floor').items() if k.startswith('state_floor')
                 and not k.endswith('per_step')})

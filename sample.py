@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import cola
+import state_probe
 from configurator import configure, fail
 from lam import FSQ, VQ
 from world_model import rollout
@@ -105,11 +106,11 @@ print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, 
       f"frames, driven by the {'real' if real else 'latent'} actions")
 mean = lambda xs: sum(xs) / len(xs)
 columns = {'PSNR dB': p, 'SSIM': s, 'copy PSNR': p_copy, 'copy SSIM': s_copy}
-probe = cola.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+probe = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
 if probe is not None:  # object position errors, arena units; NaN-free means over the clips
     truth_states = batch['states'][:, nc:].to(device)
     for name, frames in (('', gen), ('copy ', copy)):
-        for obj, err in cola.state_errors(probe, frames[:, nc:], truth_states).items():
+        for obj, err in state_probe.state_errors(probe, frames[:, nc:], truth_states).items():
             columns[f'{name}{obj} err'] = err.nanmean(0).tolist()
 print('step ' + ''.join(f"{k:>13}" for k in columns))
 for k in range(horizon):

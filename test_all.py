@@ -16,6 +16,7 @@ import cola
 import data
 import plan
 import pusht
+import state_probe
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats, random_crop
 from model import STBlock, patchify, unpatchify
 from world_model import ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
@@ -777,17 +778,17 @@ def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
 
 def test_state_probe_readout_finds_objects_in_any_order():
     states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
-    heat = cola.object_maps(states, 8, 32)  # what a perfect probe draws
-    d = cola.object_distances(heat, states)
+    heat = state_probe.object_maps(states, 8, 32)  # what a perfect probe draws
+    d = state_probe.object_distances(heat, states)
     assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
     swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
-    assert cola.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
+    assert state_probe.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
     moved = states.clone()
     moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
     moved[0, 4:6] = 0
-    d = cola.object_distances(cola.object_maps(moved, 8, 32), states)
+    d = state_probe.object_distances(state_probe.object_maps(moved, 8, 32), states)
     assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
-    assert cola.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and cola.state_layout(10)[1] == [(2, 3)]  # PushT: the T
+    assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
 
 
 def test_state_probe_learns_positions_and_is_cached(tmp_path):
@@ -795,15 +796,15 @@ def test_state_probe_learns_positions_and_is_cached(tmp_path):
     the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
     d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
     sampler = data.ClipSampler(d, 4, 'val')
-    probe = cola.load_state_probe(sampler, steps=400)
+    probe = state_probe.load_state_probe(sampler, steps=400)
     assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
     eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
     frames = cola.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
     states = torch.from_numpy(np.stack([e['states'] for e in eps]))
-    err = cola.state_errors(probe, frames, states)
+    err = state_probe.state_errors(probe, frames, states)
     mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
     assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
-    again = cola.state_errors(cola.load_state_probe(sampler), frames, states)  # loaded from the cache
+    again = state_probe.state_errors(state_probe.load_state_probe(sampler), frames, states)  # loaded from the cache
     assert torch.equal(again['agent'], err['agent'])
 
 
