@@ -69,7 +69,7 @@ def quantize(z_e):
     return z, codes
 
 
-def report(prefix, gen, name='state_err'):
+def report(prefix, gen):
     """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim, and with a state probe the
     objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
     p, s = cola.scores(gen, clips, nc)
@@ -77,7 +77,7 @@ def report(prefix, gen, name='state_err'):
     if probe is not None:
         for obj, err in state_probe.state_errors(probe, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
             per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
-            out.update({f'{prefix}{name}_{obj}': mean(per_step), f'{prefix}{name}_{obj}_per_step': per_step})
+            out.update({f'{prefix}state_err_{obj}': mean(per_step), f'{prefix}state_err_{obj}_per_step': per_step})
     return out
 
 
@@ -147,8 +147,8 @@ clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon,
 # real held-out frames themselves is the floor of what it can tell
 probe = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
 if probe is not None:
-    out.update({k: v for k, v in report('', clips, 'state_floor').items() if k.startswith('state_floor')
-                and not k.endswith('per_step')})
+    for obj, err in state_probe.state_errors(probe, clips[:, nc:], batch['states'][:, nc:].to(device)).items():
+        out[f'state_floor_{obj}'] = err.nanmean().item()
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
       f"{sample_steps} Euler steps, guidance {cfg_scale}")
 # Every condition is rolled out by its own call with the same seed: the clips share their sampling noise
