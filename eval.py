@@ -74,8 +74,8 @@ def report(prefix, gen):
     objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
     p, s = cola.scores(gen, clips, nc)
     out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
-    if probe is not None:
-        for obj, err in state_probe.state_errors(probe, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
+    if locator is not None:
+        for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
             per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
             out.update({f'{prefix}state_err_{obj}': mean(per_step), f'{prefix}state_err_{obj}_per_step': per_step})
     return out
@@ -145,9 +145,9 @@ batch = sampler.sample(n_clips)
 clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
 # where the objects are in every generated frame, read by a probe trained on real frames; its error on the
 # real held-out frames themselves is the floor of what it can tell
-probe = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
-if probe is not None:
-    for obj, err in state_probe.state_errors(probe, clips[:, nc:], batch['states'][:, nc:].to(device)).items():
+locator = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+if locator is not None:
+    for obj, err in state_probe.state_errors(locator, clips[:, nc:], batch['states'][:, nc:].to(device)).items():
         out[f'state_floor_{obj}'] = err.nanmean().item()
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
       f"{sample_steps} Euler steps, guidance {cfg_scale}")

@@ -106,11 +106,11 @@ print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, 
       f"frames, driven by the {'real' if real else 'latent'} actions")
 mean = lambda xs: sum(xs) / len(xs)
 columns = {'PSNR dB': p, 'SSIM': s, 'copy PSNR': p_copy, 'copy SSIM': s_copy}
-probe = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
-if probe is not None:  # object position errors, arena units; NaN-free means over the clips
+locator = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
+if locator is not None:  # object position errors, arena units; means over the clips that have the object
     truth_states = batch['states'][:, nc:].to(device)
     for name, frames in (('', gen), ('copy ', copy)):
-        for obj, err in state_probe.state_errors(probe, frames[:, nc:], truth_states).items():
+        for obj, err in state_probe.state_errors(locator, frames[:, nc:], truth_states).items():
             columns[f'{name}{obj} err'] = err.nanmean(0).tolist()
 print('step ' + ''.join(f"{k:>13}" for k in columns))
 for k in range(horizon):
