@@ -1,25 +1,32 @@
 """
-Training throughput of the CoLA joint step (IDM -> quantizer -> action encoder -> video DiT, flow loss,
-backward, AdamW) at the CPU default and the GPU "base" preset.
+Throughput: the built-in simulator and the clip sampler, then the CoLA joint step (IDM -> quantizer ->
+action encoder -> video DiT, flow loss, backward, AdamW) at the CPU default and the GPU "base" preset.
 
-  python bench.py                      # both presets on the default device
+  python bench.py                      # everything on the default device
   python bench.py --presets=cpu --steps=20
+  python bench.py --presets=           # the simulator and the sampler only
+
+The simulator: frames/s of step + render at 64 px, of whole episodes under the exploration policy (and the
+fraction of steps in which a block moved), and ClipSampler clips/s (B=16, T=6) from shards on disk.
 
 Prints ms/step and tokens/s (tokens = clips x frames x patches per frame). On CUDA it also prints model
 FLOPs utilisation against `peak_tflops` (bf16 dense). On CPU it also times a bare transformer with the
 same parameter count on the same tokens, so the cost of everything around the matrix products (the
-factorised attention, adaLN, quantizer, crop, patchify) shows as a ratio.
+factorised attention, adaLN, quantizer, patchify) shows as a ratio.
 """
 import sys
+import tempfile
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import cola
 from configurator import configure
-from lam import random_crop
+from data import ClipSampler, prepare_from_sim
 from model import Block
+from sim import PushSim, generate_episode
 from world_model import flow_loss
 
 presets = ('cpu', 'base')
@@ -55,10 +62,8 @@ def cola_step(models, opt, x):
     """One joint-phase step, as train.py's `joint` phase runs it."""
     def step():
         with autocast:
-            xc = random_crop(x, 0.8)
-            out = models['lam'](xc)
-            loss = flow_loss(models['wm'], models['action'], xc, out['z'], 0.1)
-            loss = loss + out['codebook_loss'] + 0.25 * out['commit_loss']
+            out = models['lam'](x)
+            loss = flow_loss(models['wm'], models['action'], x, out['z'], 0.1) + out['quant_loss']
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -77,12 +82,32 @@ def bare_step(blocks, opt, h):
     return step
 
 
+def data_throughput(res=64, n=5000):
+    """Print simulator frames/s, the fraction of steps in which a block moved, and ClipSampler clips/s."""
+    sim, acts = PushSim(res, 0), np.random.default_rng(0).uniform(-1, 1, (n, 2))
+    t0 = time.perf_counter()
+    for a in acts:
+        sim.step(a)
+    print(f"simulator step+render: {n / (time.perf_counter() - t0):,.0f} frames/s at {res}x{res}")
+    t0, moved = time.perf_counter(), []
+    for s in range(n // 50):
+        st = generate_episode(s, 50, res)['states']
+        moved.append(np.abs(np.diff(st[:, 2:], axis=0)).max(1) > 1e-6)
+    print(f"generate_episode: {n / (time.perf_counter() - t0):,.0f} frames/s; steps where a block moved: {np.mean(moved):.1%}")
+    with tempfile.TemporaryDirectory() as d:
+        sampler = ClipSampler(prepare_from_sim(d, 40, 32, res), clip_len=6)
+        t0 = time.perf_counter()
+        for _ in range(1000):
+            sampler.sample(16)
+        print(f"ClipSampler: {1000 * 16 / (time.perf_counter() - t0):,.0f} clips/s (B=16, T=6)")
+
+
+data_throughput()
 torch.manual_seed(seed)
 print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get_num_threads()} threads'}), "
       f"torch {torch.__version__}")
 for name in presets:
-    s = dict(preset=name, n_context=2, n_action_tokens=2, action_dim=32, quantizer='vq', codebook_size=32,
-             fsq_levels=(8, 4), dead_code_restart=False, crop_min=0.8, dec_depth=0)
+    s = dict(preset=name)  # the other settings: the dataclasses' defaults, those of `python train.py`
     wm_cfg, _ = cola.model_configs(s)
     models = cola.build(s, device)
     params = [p for m in models.values() for p in m.parameters()]

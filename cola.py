@@ -28,9 +28,9 @@ def model_configs(s):
     sizes = {k: (PRESETS[s['preset']][k] if s.get(k) is None else s[k]) for k in PRESETS[s['preset']]}
     pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__}
     wm_cfg = WMConfig(**pick(WMConfig))
-    old = {} if 'idm_depth' in s else dict(idm_depth=sizes['depth'])  # checkpoints from before idm_depth
-    old.update({} if 'idm_keypoints' in s else dict(idm_keypoints=0))  # ... and from before the keypoints
-    lam_cfg = LAMConfig(**{**pick(LAMConfig), **old}, max_frames=wm_cfg.n_frames)
+    # the pixel decoder exists in the two-stage baseline only; the IDM takes clips of the world model's length
+    fixed = dict(dec_depth=s['dec_depth'] if s.get('mode') == 'two_stage' else 0, max_frames=wm_cfg.n_frames)
+    lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")
     return wm_cfg, lam_cfg
@@ -86,7 +86,7 @@ def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', f
     models, settings = load_models(ckpt, device)
     wm_cfg, _ = model_configs(settings)
     data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
-                            world=settings.get('world', 'small'), policy=settings.get('policy', 'explore'),
+                            policy=settings.get('policy', 'explore'),
                             camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
     clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
     return models, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
@@ -168,7 +168,7 @@ def latent_actions(lam, clips):
     (B, L-1, n_tok) or None for continuous actions)."""
     win, L = lam.cfg.max_frames, clips.shape[1]
     z_e = torch.cat([lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
-    z, codes, _, _ = lam.quantizer(z_e)
+    z, codes, _ = lam.quantizer(z_e)
     return dict(z_e=z_e, z=z, codes=codes)
 
 

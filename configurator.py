@@ -2,7 +2,7 @@
 Command-line configuration in the nanoGPT manner, for train.py, sample.py, eval.py, plan.py and bench.py.
 
 A program keeps its settings as plain module-level values and calls `configure(globals(), sys.argv[1:])`:
-  python train.py config/cpu.py --batch_size=32 --mode two_stage
+  python train.py config/gpu.py --batch_size=32 --mode two_stage
 A `*.py` argument is executed first (it may set any of the values), then every `--key=value` or
 `--key value` overrides one value. Values are parsed as Python literals when they look like one and
 must keep the default's type; an unknown key is an error that lists the valid ones.

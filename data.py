@@ -1,307 +1,32 @@
-"""Data for CoLA-World: a built-in 2-D pushing simulator, episode loaders and a clip sampler.
+"""Data for CoLA-World: episodes from any source packed into memory-mapped shards, and the clip sampler.
 
-    python data.py --out_dir=DIR --episodes=N [--seed=S] [--T=48] [--res=64]   # simulator -> .npz files
+    python data.py --out_dir=DIR --episodes=N [--seed=S] [--T=48] [--res=64]   # simulator (sim.py) -> .npz files
     python data.py --env=pusht --out_dir=DIR --episodes=N                       # PushT (pusht.py) -> .npz
     python data.py prepare --src=DIR --out_dir=DIR --res=R [--skip_bad]         # any folder -> shards
     python data.py --format=lerobot --out_dir=DIR --episodes=N                  # a LeRobot v3.0 dataset (lerobot.py)
-    python data.py --bench                                                      # frames/s and clips/s
 
 Every source (simulator, .npz folders, videos, LeRobot datasets) ends up "prepared" the nanoGPT way: raw
 uint8 frames in a few shard files read with np.memmap, plus index.json saying where each episode lives.
 A folder is a dataset iff it has index.json, which is written last, so a crash never leaves a half one.
 """
-import argparse, json, os, shutil, tempfile, time, warnings
+import argparse, json, os, shutil, time, warnings
 
 import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-MAX_BLOCKS = 3
-STATE_DIM = 2 + 2 * MAX_BLOCKS  # agent xy, then block xy (zeros for absent blocks)
-ACTION_DIM = 2
-# Worlds: the ranges bodies are drawn from and the agent's speed (world units per step at |action| = 1; the
-# arena is 1 wide). In 'big', the default, the agent is about 1/4 of the arena across and moves 40% of its
-# radius a step, so the action explains much of a frame's change: at CPU scale nothing learned latent
-# actions in 'small' (README, "The latent action model"). 'small' is the original, harder setting: an agent
-# of ~1% of the frame moving ~3 px a step at 64 px.
-# Recorded frames carry a camera's sensor noise (std in intensity levels of 255). Without it a still frame
-# repeats its predecessor exactly, and copy-last-frame scores the PSNR cap (100 dB) there, which no learned
-# model can: at 7% still transitions that alone put copy-last 5 dB ahead (README, "The world model").
-SENSOR_NOISE = 2.0
-WORLDS = {'big': dict(agent_r=(0.11, 0.13), block_h=(0.07, 0.1), max_blocks=2, speed=6 / 64),
-          'small': dict(agent_r=(0.05, 0.075), block_h=(0.06, 0.1), max_blocks=3, speed=3 / 64)}
-TOL = 0.05                      # default success tolerance (world units, ~3 px at 64 px)
-EPS = 1e-6                      # contact slack: float32-rounded positions may overlap by ~1e-8
+from pusht import generate_pusht_episode
+from sim import POLICIES, SENSOR_NOISE, generate_episode
+
 INDEX = 'index.json'
 VIDEO_EXTS = ('.mp4', '.webm', '.gif')
 SPLIT_SEED = 1234               # the held-out split is a property of the data, not of the run's seed
-DIRS = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], float)  # scripted pushes are axis-aligned
 
 
-def _f32(x):
-    return float(np.float32(x))
-
-
-# ----------------------------------------------------------------------------- simulator
-
-class PushSim:
-    """Top-down pushing world in [0,1]^2: a disk agent, 1-3 square blocks, kinematic contacts.
-
-    Motion is resolved one axis at a time (x then y), like classic tile games: the agent moves, any block
-    in its way is pushed along that axis as far as walls and other blocks allow (blocks never push
-    blocks), and the agent stops at the block's face. Contacts use the agent's bounding box. This never
-    creates overlaps and needs no tuning. Positions are rounded to float32 after every step, so
-    set_state(get_state()) reproduces the simulator exactly.
-    """
-
-    def __init__(self, res=64, seed=0, world='big'):
-        if world not in WORLDS:
-            raise ValueError(f"--world must be one of {', '.join(WORLDS)}, got {world!r}")
-        self.res, self.world = res, WORLDS[world]
-        self.speed = self.world['speed']
-        self.reset(seed)
-
-    def reset(self, seed):
-        """New episode: sizes, layout and appearance all drawn from `seed`."""
-        rng, w = np.random.default_rng(seed), self.world
-        # Layout first, texture last: the texture draws res-dependent noise, and drawing it last keeps the
-        # dynamics of an episode identical at every resolution.
-        self.n_blocks = int(rng.integers(1, w['max_blocks'] + 1))
-        self.r = _f32(rng.uniform(*w['agent_r']))                           # agent radius
-        self.h = [_f32(v) for v in rng.uniform(*w['block_h'], MAX_BLOCKS)]  # block half-sizes
-        self.half = [self.r] + self.h[:self.n_blocks]                   # bounding-box half-size per body
-        self.pos = []                                                   # [[x, y]] agent, then blocks
-        for i, s in enumerate(self.half):
-            for _ in range(1000):  # rejection sampling; the unit square is far from full
-                p = rng.uniform(s, 1 - s, 2)
-                if all(max(abs(p - q)) > s + t + 0.02 for q, t in zip(self.pos, self.half)):
-                    break
-            self.pos.append([_f32(p[0]), _f32(p[1])])
-        bg = rng.uniform(40, 215, 3)
-        colors = []
-        for _ in range(1 + self.n_blocks):  # colours well away from the background and each other
-            for _ in range(50):
-                c = rng.uniform(0, 255, 3)
-                if all(np.abs(c - o).sum() > 150 for o in [bg] + colors):
-                    break
-            colors.append(c)
-        self.colors = [c.astype(np.float32) for c in colors]
-        self._bg = self._texture(rng, bg)
-        return self.render()
-
-    def _texture(self, rng, bg):
-        """Background colour plus a low-contrast pattern (stripes, checker, noise or plain)."""
-        R = self.res
-        yy, xx = np.mgrid[0:R, 0:R] / R
-        kind, period, angle = rng.integers(4), rng.uniform(0.08, 0.25), rng.uniform(0, np.pi)
-        if kind == 0:
-            tex = np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period)
-        elif kind == 1:
-            tex = ((xx // period + yy // period) % 2) * 2 - 1
-        elif kind == 2:
-            tex = np.clip(rng.standard_normal((R, R)), -2, 2) / 2
-        else:
-            tex = np.zeros((R, R))
-        return np.clip(bg + rng.uniform(6, 20) * tex[..., None], 0, 255).astype(np.uint8)
-
-    def get_state(self):
-        s = np.zeros(STATE_DIM, np.float32)  # (8,)
-        s[:2 + 2 * self.n_blocks] = np.ravel(self.pos)
-        return s
-
-    def set_state(self, state):
-        s = np.asarray(state, np.float32)
-        self.pos = [[float(s[2 * i]), float(s[2 * i + 1])] for i in range(1 + self.n_blocks)]
-
-    def step(self, action):
-        """Apply a velocity action in [-1,1]^2 (clipped) and return the new frame (H, W, 3) uint8."""
-        a = np.clip(np.asarray(action, np.float64), -1, 1) * self.speed
-        for k in (0, 1):
-            self._move_agent(k, float(a[k]))
-        self.pos = [[_f32(x), _f32(y)] for x, y in self.pos]
-        return self.render()
-
-    def _move_agent(self, k, d):
-        """Move the agent by d along axis k, pushing the blocks in its way."""
-        j, s, r, a = 1 - k, (1.0 if d > 0 else -1.0), self.r, self.pos[0]
-        target = min(max(a[k] + d, r), 1 - r)
-        for i in range(1, 1 + self.n_blocks):
-            b, h = self.pos[i], self.half[i]
-            if abs(b[j] - a[j]) >= r + h - EPS or s * (b[k] - a[k]) <= 0:
-                continue  # not in this lane, or behind us
-            overlap = s * (target - b[k]) + r + h
-            if overlap > 0:
-                b[k] += s * self._room(i, k, s, overlap)
-                target = s * min(s * target, s * b[k] - h - r)  # stop at the block's face
-        a[k] = target
-
-    def _room(self, i, k, s, want):
-        """How far block i can move (<= want) along axis k in direction s before a wall or another block."""
-        j, b, h = 1 - k, self.pos[i], self.half[i]
-        room = (1 - h - b[k]) if s > 0 else (b[k] - h)
-        for m in range(1, 1 + self.n_blocks):
-            c = self.pos[m]
-            if m != i and abs(c[j] - b[j]) < h + self.half[m] - EPS and s * (c[k] - b[k]) > 0:
-                room = min(room, s * (c[k] - b[k]) - h - self.half[m])
-        return max(0.0, min(want, room))
-
-    def render(self):
-        """The current frame, (res, res, 3) uint8: the pre-rendered background, then each body blended in by
-        the fraction of every pixel it covers (analytic anti-aliasing), so that a motion of a fraction of a
-        pixel still changes the frame, in proportion."""
-        img, R = self._bg.astype(np.float32), self.res
-        for i in list(range(1, 1 + self.n_blocks)) + [0]:  # agent drawn on top
-            c, s = np.array(self.pos[i]) * R, self.half[i] * R  # centre and half-size in pixels
-            x0, y0 = (max(0, int(v - s - 1)) for v in c)
-            x1, y1 = (min(R, int(v + s + 2)) for v in c)
-            dx, dy = np.arange(x0, x1) + 0.5 - c[0], np.arange(y0, y1) + 0.5 - c[1]  # pixel centres
-            if i == 0:  # disk: coverage ~ how far inside the rim, over one pixel
-                cover = np.clip(s + 0.5 - np.sqrt(dy[:, None] ** 2 + dx[None] ** 2), 0, 1)
-            else:  # square: the product of the two axes' coverages
-                cover = np.clip(s + 0.5 - np.abs(dy), 0, 1)[:, None] * np.clip(s + 0.5 - np.abs(dx), 0, 1)[None]
-            patch = img[y0:y1, x0:x1]
-            patch += cover[..., None] * (self.colors[i] - patch)
-        return img.round().astype(np.uint8)
-
-
-class RandomPolicy:
-    """i.i.d. moves: each step one of the 9 moves {-1, 0, 1}^2, uniformly. Nothing about an action can be
-    guessed from earlier frames, so this is the clean test of a latent action model: the probe's ceiling
-    is 1 (less the moves a wall or a jammed block swallows)."""
-
-    def __init__(self, rng):
-        self.rng = rng
-
-    def act(self, sim):
-        return self.rng.integers(-1, 2, 2).astype(np.float32)
-
-
-class ExplorePolicy:
-    """Exploration: segments of smooth random motion (OU-like velocity, some pauses) mixed with scripted
-    pushes, where the agent walks around a chosen block to stand behind it, then pushes it through.
-    Random wandering alone rarely moves a block, and a latent action model must see contacts."""
-
-    def __init__(self, rng, p_push=0.8):
-        self.rng, self.p_push = rng, p_push
-        self.v, self.left, self.push = np.zeros(2), 0, None
-
-    def act(self, sim):
-        """The next action (2,) float32 in [-1, 1]."""
-        if self.left <= 0:
-            self._new_segment(sim)
-        self.left -= 1
-        rng, a = self.rng, np.array(sim.pos[0])
-        if self.push is None:
-            self.v = 0.8 * self.v + 0.5 * rng.standard_normal(2)
-            self.v = np.where((a < 0.15) & (self.v < 0) | (a > 0.85) & (self.v > 0), -self.v, self.v)  # walls
-            act = self.v * self.still
-        else:
-            act = self._push_action(sim, a) + 0.15 * rng.standard_normal(2)
-        return np.clip(act, -1, 1).astype(np.float32)
-
-    def _new_segment(self, sim):
-        rng, self.push = self.rng, None
-        if rng.random() < self.p_push:
-            # (block, direction) pairs we can stand behind (inside the walls) that leave the block room to
-            # move; those with a nearby standing point are preferred: less time goes into walking around.
-            cands = []
-            for i in range(1, 1 + sim.n_blocks):
-                b, gap = np.array(sim.pos[i]), sim.half[i] + sim.r + 0.03
-                cands += [(i, u, np.linalg.norm(b - u * gap - sim.pos[0])) for u in DIRS
-                          if np.all(np.abs(b - u * gap - 0.5) < 0.5 - sim.r) and sim._room(i, int(u[1] != 0), u.sum(), 1) > 0.15]
-            if cands:
-                p = np.exp(-np.array([c[2] for c in cands]) / 0.1)
-                i, u, _ = cands[rng.choice(len(cands), p=p / p.sum())]
-                self.push, self.phase, self.left = (i, u), 'approach', int(rng.integers(30, 60))
-                return
-        self.left, self.still = int(rng.integers(5, 20)), float(rng.random() > 0.1)  # 10% of segments: stand still
-
-    def _push_action(self, sim, a):
-        i, u = self.push
-        w, b, contact = u[::-1].copy(), np.array(sim.pos[i]), sim.half[i] + sim.r
-        along, across, gap = (a - b) @ u, (a - b) @ w, contact + 0.03  # agent relative to the block
-        if self.phase == 'push':
-            if sim._room(i, int(u[1] != 0), u.sum(), 1) < 0.01:
-                self.left = 0  # the block is stuck: start a new segment
-            return u - 0.5 * across / sim.speed * w  # push, re-centring on the block
-        if along > -contact - 0.005:  # not behind: step out of the lane sideways, then walk back along it
-            t = (along, np.copysign(1.5 * gap, across)) if abs(across) < gap else (-gap, across)
-        else:
-            t = (-gap, 0.0)
-            if abs(across) < 0.01 and abs(along + gap) < 0.015:
-                self.phase = 'push'
-        return (b + t[0] * u + t[1] * w - a) / sim.speed
-
-
-def record(sim, policy, T, rng, noise=SENSOR_NOISE):
-    """Run `policy` in `sim` (PushSim or PushT) for T frames, as a camera sees them: each frame gets sensor
-    noise (Gaussian, `noise` intensity levels of 255, drawn from rng). frames[t+1] is the render after
-    applying actions[t] to states[t]. Returns dict(frames (T,H,W,3) uint8, actions (T-1,2), states (T,S))."""
-    frames, states, actions = [sim.render()], [sim.get_state()], []
-    for _ in range(T - 1):
-        actions.append(policy.act(sim))
-        frames.append(sim.step(actions[-1]))
-        states.append(sim.get_state())
-    frames = np.stack(frames)
-    frames = np.clip(frames + rng.normal(0, noise, frames.shape).round(), 0, 255).astype(np.uint8)
-    return dict(frames=frames, actions=np.stack(actions).astype(np.float32), states=np.stack(states).astype(np.float32))
-
-
-POLICIES = {'explore': ExplorePolicy, 'random': RandomPolicy}
-
-
-def generate_episode(seed, T=48, res=64, world='big', policy='explore', noise=SENSOR_NOISE):
-    """One episode of the built-in simulator under `policy` ('explore' or 'random', POLICIES): record()'s
-    dict, states (T,8), plus n_blocks. noise=0 gives the simulator's exact renders."""
-    if policy not in POLICIES:
-        raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, got {policy!r}")
-    sim = PushSim(res, seed, world)
-    return dict(record(sim, POLICIES[policy](np.random.default_rng([seed, 1])), T, np.random.default_rng([seed, 2]), noise),
-                n_blocks=sim.n_blocks)
-
-
-def _episode_seed(seed, i):
-    return seed * 1_000_000 + i  # the CLI writer and prepare_from_sim produce the same episodes
-
-
-# ----------------------------------------------------------------------------- planning tasks
-
-def task_success(family, state, goal_state, n_blocks, tol=TOL):
-    """reach: the agent is within tol of the goal. push: every block is within tol of its goal; the agent
-    is ignored, since after a push it may stand anywhere. Works on (..., 8) arrays."""
-    d = np.linalg.norm((np.asarray(state) - np.asarray(goal_state)).reshape(*np.shape(state)[:-1], -1, 2), axis=-1)
-    if family == 'reach':
-        ok = d[..., 0] <= tol
-    elif family == 'push':
-        ok = np.all(d[..., 1:1 + n_blocks] <= tol, axis=-1)
-    else:
-        raise ValueError(f"unknown task family {family!r} (reach, push)")
-    return ok if ok.ndim else bool(ok)
-
-
-def make_task(family, seed, horizon=24, res=64, tol=TOL, world='big'):
-    """A planning task with a reachable goal: from the start, run the exploration policy (push: scripted
-    pushes only) for `horizon` steps, retrying until the goal is > 2*tol from the start; a start where that
-    fails (blocks jammed in corners) is replaced by the next one. `actions` is one plan that reaches the goal.
-    Episode seeds start at 1e9, away from the training episodes' seeds."""
-    for k in range(10):
-        episode_seed = 10 ** 9 + 100 * seed + k
-        sim = PushSim(res, episode_seed, world)
-        start, start_frame = sim.get_state(), sim.render()
-        for attempt in range(20):
-            sim.set_state(start)
-            policy = ExplorePolicy(np.random.default_rng([seed, k, attempt]), p_push=float(family == 'push'))
-            actions = np.empty((horizon, ACTION_DIM), np.float32)
-            for t in range(horizon):
-                actions[t] = policy.act(sim)
-                sim.step(actions[t])
-            goal = sim.get_state()
-            if not task_success(family, start, goal, sim.n_blocks, 2 * tol):
-                return dict(family=family, seed=seed, episode_seed=episode_seed, res=res, world=world, horizon=horizon,
-                            n_blocks=sim.n_blocks, tol=tol, start_state=start, goal_state=goal,
-                            start_frame=start_frame, goal_frame=sim.render(), actions=actions)
-    raise RuntimeError(f"no {family} task found for seed {seed} within horizon {horizon}")
+def episode_seed(seed, i):
+    """The simulator seed of episode i of a dataset with `seed`: the CLI writer and prepare_from_sim agree."""
+    return seed * 1_000_000 + i
 
 
 # ----------------------------------------------------------------------------- loading episodes
@@ -462,22 +187,22 @@ def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_00
     return out
 
 
-def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, world='big', policy='explore', shard_frames=20_000):
+def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, policy='explore', shard_frames=20_000):
     """Simulator episodes straight into shards (same episodes as `python data.py --seed=seed`)."""
-    eps = ((f'sim_{i:06d}', generate_episode(_episode_seed(seed, i), T, res, world, policy))
+    eps = ((f'sim_{i:06d}', generate_episode(episode_seed(seed, i), T, res, policy))
            for i in tqdm(range(episodes), desc='simulating'))
-    return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed}, world={world}, policy={policy})')
+    return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed}, policy={policy})')
 
 
-def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, world='big', policy='explore'):
+def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore'):
     """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
     It is built in a private temp dir and renamed into place, so concurrent callers (DDP ranks) are safe."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
-    out = os.path.join(root, f'sim_{world}_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
+    out = os.path.join(root, f'sim_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
     if os.path.exists(os.path.join(out, INDEX)):
         return out
     tmp = f'{out}.tmp{os.getpid()}'
-    prepare_from_sim(tmp, episodes, T, res, seed, world, policy)
+    prepare_from_sim(tmp, episodes, T, res, seed, policy)
     if os.path.isdir(out) and not os.path.exists(os.path.join(out, INDEX)):
         shutil.rmtree(out)  # not a dataset: no index
     try:
@@ -487,12 +212,12 @@ def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, world='big',
     return out
 
 
-def resolve_data(data_dir, res, clip_len=None, skip_bad=False, world='big', policy='explore', camera='', stride=1):
-    """The prepared dir for --data: None -> the built-in dataset of that world and policy; a prepared folder
+def resolve_data(data_dir, res, clip_len=None, skip_bad=False, policy='explore', camera='', stride=1):
+    """The prepared dir for --data: None -> the built-in dataset of that policy; a prepared folder
     -> itself; a folder of episodes -> prepared once into <data_dir>/.prepared_<res> (redone when its file
     list changes); a LeRobot dataset likewise, into .prepared_<res>_<camera>[_stride<stride>]."""
     if data_dir is None:
-        return default_dataset(res, world=world, policy=policy)
+        return default_dataset(res, policy=policy)
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data={data_dir}: no such folder")
     if os.path.exists(os.path.join(data_dir, INDEX)):
@@ -581,48 +306,25 @@ class ClipSampler:
 
 # ----------------------------------------------------------------------------- command line
 
-def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', world='big', policy='explore', format='npz'):
-    """Episodes of the built-in simulator (env='sim', in `world` under `policy`) or of PushT ('pusht') as
+def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', policy='explore', format='npz'):
+    """Episodes of the built-in simulator (env='sim', under `policy`) or of PushT ('pusht') as
     ep_XXXXXX.npz files (frames, actions, states; n_blocks for sim), each written atomically, or (format=
     'lerobot') as a LeRobot v3.0 dataset at 10 fps (lerobot.write_dataset)."""
     if env == 'pusht':
-        from pusht import generate_pusht_episode  # here, not at the top: pusht.py imports data.py
         generate = lambda s: generate_pusht_episode(s, T, res)
     else:
-        generate = lambda s: generate_episode(s, T, res, world, policy)
+        generate = lambda s: generate_episode(s, T, res, policy)
     if format == 'lerobot':
         import lerobot  # here, not at the top: it needs pyarrow and av
-        eps = (generate(_episode_seed(seed, i)) for i in tqdm(range(episodes), desc=f'writing {out_dir}'))
+        eps = (generate(episode_seed(seed, i)) for i in tqdm(range(episodes), desc=f'writing {out_dir}'))
         codec = lerobot.write_dataset(out_dir, eps)
         print(f"wrote a LeRobot v3.0 dataset, video {codec}" + ('' if 'av1' in codec else
               " (this PyAV build has no AV1 encoder)") + f": {out_dir}")
         return
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):
-        ep = generate(_episode_seed(seed, i))
+        ep = generate(episode_seed(seed, i))
         _atomic_save(os.path.join(out_dir, f'ep_{i:06d}.npz'), lambda f: np.savez(f, **ep))
-
-
-def bench(res=64, n=5000):
-    """Print simulator frames/s (step+render; and with the exploration policy), block-contact fraction
-    and ClipSampler clips/s (B=16, T=6)."""
-    sim, acts = PushSim(res, 0), np.random.default_rng(0).uniform(-1, 1, (n, 2))
-    t0 = time.perf_counter()
-    for a in acts:
-        sim.step(a)
-    print(f"step+render: {n / (time.perf_counter() - t0):,.0f} frames/s at {res}x{res}")
-    t0, moved = time.perf_counter(), []
-    for seed in range(n // 50):
-        st = generate_episode(seed, 50, res)['states']
-        moved.append(np.abs(np.diff(st[:, 2:], axis=0)).max(1) > 1e-6)
-    print(f"generate_episode: {n / (time.perf_counter() - t0):,.0f} frames/s; "
-          f"steps where a block moved: {np.mean(moved):.1%}")
-    with tempfile.TemporaryDirectory() as d:
-        sampler = ClipSampler(prepare_from_sim(d, 40, 32, res), clip_len=6)
-        t0 = time.perf_counter()
-        for _ in range(1000):
-            sampler.sample(16)
-        print(f"ClipSampler: {1000 * 16 / (time.perf_counter() - t0):,.0f} clips/s (B=16, T=6)")
 
 
 def main(argv=None):
@@ -632,7 +334,6 @@ def main(argv=None):
     p.add_argument('--out_dir')
     p.add_argument('--episodes', type=int, default=300)
     p.add_argument('--env', choices=['sim', 'pusht'], default='sim', help='generate: built-in simulator or PushT')
-    p.add_argument('--world', choices=list(WORLDS), default='big', help='generate: the simulator world (WORLDS)')
     p.add_argument('--policy', choices=list(POLICIES), default='explore',
                    help='generate: exploration (smooth motion and pushes) or random (i.i.d. moves each step)')
     p.add_argument('--seed', type=int, default=0)
@@ -645,17 +346,14 @@ def main(argv=None):
     p.add_argument('--frame_stride', type=int, default=1, help='prepare, LeRobot: keep every Nth frame')
     p.add_argument('--clip_len', type=int, default=None, help='prepare: refuse shorter episodes')
     p.add_argument('--skip_bad', type=flag, nargs='?', const=True, default=False)
-    p.add_argument('--bench', type=flag, nargs='?', const=True, default=False)
     args = p.parse_args(argv)
-    if args.bench:
-        return bench(args.res)
     if not args.out_dir or (args.command == 'prepare' and not args.src):
         p.error('--out_dir is required (and --src for prepare)')
     if args.command == 'prepare':
         prepare(args.src, args.out_dir, args.res, args.clip_len, args.skip_bad, camera=args.camera,
                 stride=args.frame_stride)
     else:
-        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env, args.world, args.policy,
+        write_episodes(args.out_dir, args.episodes, args.seed, args.T, args.res, args.env, args.policy,
                        args.format)
 
 

@@ -56,7 +56,7 @@ SCHEDULES = {  # name -> train.py flags; every one starts from the same pretrain
     'two_stage': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2),
     # the baseline with the quantizer that suits it best (VQ beat FSQ in stage 1 alone: README)
     'two_stage_vq': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2, quantizer='vq',
-                         quant_anneal=0.6),
+                         relax_anneal=0.6),
     'two_stage_under': dict(mode='two_stage', lam_steps=W, wm_steps=budget - W),  # LAM trained for W only
     'naive_joint': dict(mode='cola', warmup_steps=0, joint_steps=budget),
     'cola_warm_short': dict(mode='cola', warmup_steps=W // 3, joint_steps=budget - W // 3),

@@ -19,54 +19,55 @@ from model import AttentionPool, Block, patchify, sincos_2d, unpatchify
 
 @dataclass
 class LAMConfig:
-    res: int = 64                # frame side in pixels
-    patch: int = 8
+    """The latent action model's settings; the defaults are the CPU preset's, the run `python train.py` trains."""
+    res: int = 32                # frame side in pixels
+    patch: int = 4
     channels: int = 3
-    max_frames: int = 16         # longest clip the IDM takes at once (longer episodes go in windows)
-    width: int = 128
+    max_frames: int = 4          # longest clip the IDM takes at once: the world model's n_frames
+    width: int = 64
     idm_depth: int = 2           # spatial blocks of the IDM's per-frame encoder
     idm_keypoints: int = 16      # keypoints whose displacements the IDM reads the latent action from (0: none)
     n_heads: int = 4
     n_action_tokens: int = 2     # tokens per latent action
     action_dim: int = 32         # channels per token
-    quantizer: str = 'vq'        # 'vq' | 'fsq' | 'none' (continuous, for ablations)
+    quantizer: str = 'fsq'       # 'fsq' | 'vq' | 'none' (continuous, for ablations)
     codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
     fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
-    dead_code_restart: bool = True   # VQ entries unused in a batch move onto encoder outputs (counted in the log)
-    crop_min: float = 1.0        # random-crop augmentation keeps this fraction of the side, at least
     dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantizers: each maps z_e (..., d) -> (z_q, codes, codebook_loss, commit_loss), and relax(z_e) gives the
-# continuous value it would quantize (the soft-to-hard start of LAM.forward)
+# quantizers: each maps z_e (..., d) -> (z_q, codes, loss), relax(z_e) gives the continuous value it would
+# quantize (the soft-to-hard start of LAM.forward), `size` is its number of codes and `restarts` counts the
+# codebook entries it re-initialised since the trainer last read (and zeroed) it
 
 class VQ(nn.Module):
     """Vector quantizer (van den Oord et al. 2017) with a straight-through gradient.
 
-    codebook loss ||sg(z_e) - e||^2 moves entries to the encoder outputs; commitment loss
-    ||z_e - sg(e)||^2 keeps the encoder near its entry (weighted 0.25 by the trainer).
+    Its loss is the codebook loss ||sg(z_e) - e||^2, which moves entries to the encoder outputs, plus 0.25 x
+    the commitment loss ||z_e - sg(e)||^2, which keeps the encoder near its entry (VQ-VAE's weights). Entries
+    that no encoder output in a training batch picked move onto random outputs of the batch (restart_dead):
+    without it most of the codebook died through the world model (NOTES.md).
     """
+    commit_weight = 0.25
 
-    def __init__(self, size, dim, dead_code_restart=False):
+    def __init__(self, size, dim):
         super().__init__()
         self.size = size
         # small uniform init (as in VQ-VAE): entries start near the origin, so the nearest entry to an
         # encoder output is decided by its direction and every entry is reachable from step 0
         self.codebook = nn.Parameter(torch.empty(size, dim).uniform_(-1 / size, 1 / size))
-        self.dead_code_restart = dead_code_restart
-        self.restarts = 0  # entries moved by restart_dead since the trainer last read (and reset) this
+        self.restarts = 0
 
     def forward(self, z):
         flat = z.reshape(-1, z.shape[-1]).float()  # (M, d)
         codes = torch.cdist(flat, self.codebook.float()).argmin(dim=1)  # (M,)
-        if self.dead_code_restart and self.training:
+        if self.training:
             self.restart_dead(flat.detach(), codes)
         z_q = self.codebook[codes].view_as(z).to(z.dtype)
-        codebook_loss = F.mse_loss(z_q, z.detach())
-        commit_loss = F.mse_loss(z, z_q.detach())
+        loss = F.mse_loss(z_q, z.detach()) + self.commit_weight * F.mse_loss(z, z_q.detach())
         z_q = z + (z_q - z).detach()  # straight-through: forward uses e, backward passes to z_e
-        return z_q, codes.view(z.shape[:-1]), codebook_loss, commit_loss
+        return z_q, codes.view(z.shape[:-1]), loss
 
     @torch.no_grad()
     def restart_dead(self, flat, codes):
@@ -92,7 +93,8 @@ class VQ(nn.Module):
 
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al. 2023): project to len(levels) dims, bound each with
-    tanh, round to its grid (straight-through), project back. No codebook losses; codes are mixed-radix."""
+    tanh, round to its grid (straight-through), project back. No codebook, no loss; codes are mixed-radix."""
+    restarts = 0
 
     def __init__(self, levels, dim):
         super().__init__()
@@ -114,8 +116,7 @@ class FSQ(nn.Module):
         bounded = self.bound(z)
         r = bounded + (bounded.round() - bounded).detach()  # integers in [-L//2, (L-1)//2], straight-through
         codes = ((r.detach() + (self.levels // 2)).long() * self.radix).sum(-1)
-        zero = z.new_zeros(())
-        return self.up(r / (self.levels // 2)), codes, zero, zero
+        return self.up(r / (self.levels // 2)), codes, z.new_zeros(())
 
     def relax(self, z):
         return self.up(self.bound(z) / (self.levels // 2))
@@ -123,11 +124,10 @@ class FSQ(nn.Module):
 
 class NoQuant(nn.Module):
     """Continuous latent actions (no bottleneck): the ablation the paper did not run."""
-    size = 0
+    size = restarts = 0
 
     def forward(self, z):
-        zero = z.new_zeros(())
-        return z, None, zero, zero
+        return z, None, z.new_zeros(())
 
     def relax(self, z):
         return z
@@ -142,24 +142,6 @@ def code_stats(codes, size):
     H = -(p[p > 0] * p[p > 0].log()).sum().item()
     return dict(code_util=(counts > 0).double().mean().item(), code_max=p.max().item(),
                 code_entropy=max(0.0, H) / math.log(size), code_perplexity=math.exp(H))
-
-
-# ----------------------------------------------------------------------------------------------------
-# augmentation
-
-def random_crop(x, crop_min, generator=None):
-    """Crop each clip at a random square (side in [crop_min, 1] of the frame, random place) and resize it
-    back, the same crop for all frames of a clip. x: (B, T, C, H, W)."""
-    B, T = x.shape[:2]
-    s = torch.empty(B, device=x.device).uniform_(crop_min, 1.0, generator=generator)
-    cx = (torch.rand(B, device=x.device, generator=generator) * 2 - 1) * (1 - s)
-    cy = (torch.rand(B, device=x.device, generator=generator) * 2 - 1) * (1 - s)
-    theta = torch.zeros(B, 2, 3, device=x.device)
-    theta[:, 0, 0], theta[:, 1, 1], theta[:, 0, 2], theta[:, 1, 2] = s, s, cx, cy
-    theta = theta.repeat_interleave(T, dim=0)
-    flat = x.flatten(0, 1)
-    grid = F.affine_grid(theta, flat.shape, align_corners=False)
-    return F.grid_sample(flat, grid, mode='bilinear', align_corners=False).view_as(x)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,7 +236,7 @@ class LAM(nn.Module):
         self.cfg = cfg
         self.idm = IDM(cfg)
         if cfg.quantizer == 'vq':
-            self.quantizer = VQ(cfg.codebook_size, cfg.action_dim, cfg.dead_code_restart)
+            self.quantizer = VQ(cfg.codebook_size, cfg.action_dim)
         elif cfg.quantizer == 'fsq':
             self.quantizer = FSQ(tuple(cfg.fsq_levels), cfg.action_dim)
         elif cfg.quantizer == 'none':
@@ -264,19 +246,17 @@ class LAM(nn.Module):
         self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
 
     def forward(self, frames, p_relax=0.0):
-        """frames: (B, T, C, H, W) in [-1, 1] -> z (B, T-1, n_tok, d), codes (B, T-1, n_tok), VQ losses.
+        """frames: (B, T, C, H, W) in [-1, 1] -> z (B, T-1, n_tok, d), codes (B, T-1, n_tok), the quantizer's loss.
 
         p_relax > 0 (training only) passes each transition's continuous value (quantizer.relax) instead of
         its quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017). A
         random IDM's codes say nothing about the motion, so a decoder learns to ignore them and the IDM
         gets no gradient that would find it; through the continuous path it does, and the trainer lowers
-        p_relax to 0 over the first `quant_anneal` of the LAM's training steps (measured: README, "The latent action model").
-        Codes, code statistics and the VQ losses are always those of the quantized path.
-        (The trainer applies `random_crop` to the clip first, only while the LAM is being updated, so
-        that the IDM and whatever reconstructs the clip see the same crop.)"""
+        p_relax to 0 over the first `relax_anneal` of the LAM's training steps (measured: NOTES.md).
+        Codes, code statistics and the quantizer's loss are always those of the quantized path."""
         z_e = self.idm(frames)
-        z, codes, codebook_loss, commit_loss = self.quantizer(z_e)
+        z, codes, quant_loss = self.quantizer(z_e)
         if self.training and p_relax > 0:
             relax = torch.rand(z_e.shape[:2], device=z_e.device) < p_relax  # (B, T-1): per transition
             z = torch.where(relax[..., None, None], self.quantizer.relax(z_e), z)
-        return dict(z=z, codes=codes, codebook_loss=codebook_loss, commit_loss=commit_loss)
+        return dict(z=z, codes=codes, quant_loss=quant_loss)

@@ -118,36 +118,32 @@ class Block(nn.Module):
 
 
 class STBlock(nn.Module):
-    """Spatial attention within each frame, causal temporal attention across frames, then an MLP.
+    """Spatial attention within each frame, causal temporal attention across frames, then an MLP: the DiT's block.
 
-    Unconditioned (IDM) by default. With `cond=True` (the DiT) every sub-layer is wrapped in adaLN-Zero:
-    a per-frame conditioning vector c (B, T, D) is projected to (shift, scale, gate) x 3 sub-layers =
-    (B, T, 9*D); the projection starts at zero, so a fresh block is the identity. `mod_add` (B, T, 9*D)
-    is added to that modulation: this is where the latent actions enter the world model.
+    Every sub-layer is wrapped in adaLN-Zero: a per-frame conditioning vector c (B, T, D) is projected to
+    (shift, scale, gate) x 3 sub-layers = (B, T, 9*D); the projection starts at zero, so a fresh block is the
+    identity. `mod_add` (B, T, 9*D) is added to that modulation: this is where the latent actions enter the
+    world model. The spatial attention sees relative positions only (2-D rotary embeddings on an
+    n_side x n_side grid of patches).
     """
 
-    def __init__(self, dim, n_heads, mlp_ratio=4.0, cond=False, rope_side=0):
+    def __init__(self, dim, n_heads, n_side, mlp_ratio=4.0):
         super().__init__()
-        self.cond = cond
-        self.norm1 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)
-        self.spatial = Attention(dim, n_heads, rope_side)
-        self.norm2 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.spatial = Attention(dim, n_heads, rope_side=n_side)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.temporal = Attention(dim, n_heads)
-        self.norm3 = nn.LayerNorm(dim, elementwise_affine=not cond, eps=1e-6)
+        self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        if cond:
-            self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
-            nn.init.zeros_(self.adaLN[1].weight)
-            nn.init.zeros_(self.adaLN[1].bias)
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        nn.init.zeros_(self.adaLN[1].weight)
+        nn.init.zeros_(self.adaLN[1].bias)
 
-    def forward(self, x, c=None, mod_add=None):
-        """x: (B, T, N, D); c: (B, T, D) when cond; mod_add: (B, T, 9*D) or None."""
+    def forward(self, x, c, mod_add=None):
+        """x: (B, T, N, D); c: (B, T, D); mod_add: (B, T, 9*D) or None."""
         B, T, N, D = x.shape
-        if self.cond:
-            mod = self.adaLN(c) if mod_add is None else self.adaLN(c) + mod_add
-            m = mod[:, :, None].chunk(9, dim=-1)  # 9 x (B, T, 1, D)
-        else:
-            m = [0.0, 0.0, 1.0] * 3  # no shift, no scale, unit gate
+        mod = self.adaLN(c) if mod_add is None else self.adaLN(c) + mod_add
+        m = mod[:, :, None].chunk(9, dim=-1)  # 9 x (B, T, 1, D)
         # spatial: frames are independent sequences of N patches
         h = modulate(self.norm1(x), m[0], m[1]).reshape(B * T, N, D)
         x = x + m[2] * self.spatial(h).reshape(B, T, N, D)

@@ -13,7 +13,7 @@ the last n_context observed frames, scores each by the pixel MSE of its predicte
 image, executes the first exec_steps actions of the plan in the environment and replans. Two references
 run the same loop: `random` (uniform random actions) and `oracle` (the same planner with the environment
 itself as the model: its state is saved, every sequence is stepped and rendered, the state restored),
-the ceiling for this planner. Success is the environment's own test on the final state (data.task_success;
+the ceiling for this planner. Success is the environment's own test on the final state (task_success;
 PushT: the env's coverage > 0.95). GIFs: out_dir/FAMILY_K.gif, observed | predicted | goal, for `ours`.
 The last line of stdout is one JSON object (keys: README).
 """
@@ -30,8 +30,8 @@ import torch
 
 import cola
 from configurator import configure, fail
-from data import ACTION_DIM, PushSim, make_task, task_success
 from pusht import PushT
+from sim import ACTION_DIM, ExplorePolicy, PushSim
 from world_model import rollout
 
 # ----------------------------------------------------------------------------------------------------
@@ -165,11 +165,51 @@ def simulator_cost(sim, goal):
 # tasks: sim (step(action) -> frame, render, get_state, set_state), the goal frame, and result(), the
 # environment's own success test on the current state with a continuous score beside it
 
-def sim_task(family, k, res, task_horizon=12, world='big'):
-    """Task k of a built-in family (data.make_task, the goal task_horizon exploration steps away); its score
+TOL = 0.05  # default success tolerance (world units, ~3 px at 64 px)
+
+
+def task_success(family, state, goal_state, n_blocks, tol=TOL):
+    """reach: the agent is within tol of the goal. push: every block is within tol of its goal; the agent
+    is ignored, since after a push it may stand anywhere. Works on (..., 8) arrays."""
+    d = np.linalg.norm((np.asarray(state) - np.asarray(goal_state)).reshape(*np.shape(state)[:-1], -1, 2), axis=-1)
+    if family == 'reach':
+        ok = d[..., 0] <= tol
+    elif family == 'push':
+        ok = np.all(d[..., 1:1 + n_blocks] <= tol, axis=-1)
+    else:
+        raise ValueError(f"unknown task family {family!r} (reach, push)")
+    return ok if ok.ndim else bool(ok)
+
+
+def make_task(family, seed, horizon=24, res=64, tol=TOL):
+    """A planning task with a reachable goal: from the start, run the exploration policy (push: scripted
+    pushes only) for `horizon` steps, retrying until the goal is > 2*tol from the start; a start where that
+    fails (blocks jammed in corners) is replaced by the next one. `actions` is one plan that reaches the goal.
+    Episode seeds start at 1e9, away from the training episodes' seeds."""
+    for k in range(10):
+        episode_seed = 10 ** 9 + 100 * seed + k
+        sim = PushSim(res, episode_seed)
+        start, start_frame = sim.get_state(), sim.render()
+        for attempt in range(20):
+            sim.set_state(start)
+            policy = ExplorePolicy(np.random.default_rng([seed, k, attempt]), p_push=float(family == 'push'))
+            actions = np.empty((horizon, ACTION_DIM), np.float32)
+            for t in range(horizon):
+                actions[t] = policy.act(sim)
+                sim.step(actions[t])
+            goal = sim.get_state()
+            if not task_success(family, start, goal, sim.n_blocks, 2 * tol):
+                return dict(family=family, seed=seed, episode_seed=episode_seed, res=res, horizon=horizon,
+                            n_blocks=sim.n_blocks, tol=tol, start_state=start, goal_state=goal,
+                            start_frame=start_frame, goal_frame=sim.render(), actions=actions)
+    raise RuntimeError(f"no {family} task found for seed {seed} within horizon {horizon}")
+
+
+def sim_task(family, k, res, task_horizon=12):
+    """Task k of a built-in family (make_task, the goal task_horizon exploration steps away); its score
     is the final distance of the agent (reach) or the blocks' mean distance (push) to the goal."""
-    t = make_task(family, k, task_horizon, res, world=world)
-    sim = PushSim(res, t['episode_seed'], world)
+    t = make_task(family, k, task_horizon, res)
+    sim = PushSim(res, t['episode_seed'])
 
     def result():
         s, g = sim.get_state(), t['goal_state']
@@ -183,7 +223,7 @@ def pusht_task(k, res):
     """PushT task k, both images set through the env's reset_to_state. Goal: the T at the env's goal pose
     (the green T, against which the env measures coverage) with the agent touching it from a random side
     u; start: the T and the agent moved back by L along u (coverage between 0.3 and 0.8). One straight push
-    of L solves it, so the goal is reachable, as data.make_task's are; the planner must push accurately."""
+    of L solves it, so the goal is reachable, as make_task's are; the planner must push accurately."""
     sim, rng = PushT(res), np.random.default_rng([k, 2])
     goal = np.array(sim.env.goal_pose, float)  # block x, y, angle
     for _ in range(1000):
@@ -205,8 +245,8 @@ def pusht_task(k, res):
     raise RuntimeError(f"no PushT task found for k={k}")
 
 
-def make(family, k, res, task_horizon=12, world='big'):
-    return pusht_task(k, res) if family == 'pusht' else sim_task(family, k, res, task_horizon, world)
+def make(family, k, res, task_horizon=12):
+    return pusht_task(k, res) if family == 'pusht' else sim_task(family, k, res, task_horizon)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -272,7 +312,7 @@ def main():
           f"{sample_steps} Euler steps, guidance {cfg_scale}")
     runs, gifs = defaultdict(list), []
     for family, k, s, name in itertools.product(families, range(n_tasks), range(n_seeds), names):
-        task, run_seed = make(family, k, res, task_horizon, settings.get('world', 'small')), int(np.random.default_rng([seed, k, s]).integers(2 ** 31))
+        task, run_seed = make(family, k, res, task_horizon), int(np.random.default_rng([seed, k, s]).integers(2 ** 31))
         planner = None if name == 'random' else Planner(method, horizon, ACTION_DIM, n_samples, n_iters, noise_std,
                                                         smoothing, temperature, elite_frac, run_seed)
         gen = torch.Generator(dev).manual_seed(run_seed)

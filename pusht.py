@@ -4,8 +4,9 @@ policy that records its training episodes (`python data.py --env=pusht`). gym-pu
 (`pip install -r requirements-pusht.txt`), imported only when an environment is made.
 """
 import numpy as np
+from PIL import Image
 
-from data import SENSOR_NOISE, record, resize
+from sim import SENSOR_NOISE, record
 
 PUSHT_REACH = 60.0  # env units (the arena is 512 wide) from the agent to its PD target at |action| = 1
 
@@ -18,7 +19,8 @@ class PushT:
     the agent in [-1, 1]^2 times PUSHT_REACH (the agent then moves ~3 px per step at 64 px, like PushSim's),
     so an action is a motion, as a latent action is. State (10,): agent xy, block xy, block angle (the env's
     state layout), agent velocity, block velocity, block angular velocity. Frames are rendered at 64x64 by
-    the env and resized to res as any dataset is (resize). Coverage and success are the env's own.
+    the env and resized to res (bilinear, as data.resize does for any dataset). Coverage and success are
+    the env's own.
     """
 
     def __init__(self, res=64, seed=None, state=None):
@@ -46,7 +48,7 @@ class PushT:
         return self.render()
 
     def render(self):
-        return self.frame if self.res == 64 else resize(self.frame[None], self.res)[0]
+        return self.frame if self.res == 64 else np.asarray(Image.fromarray(self.frame).resize((self.res, self.res), Image.BILINEAR))
 
     def coverage(self):
         return float(self.env._get_coverage())  # the fraction of the goal T the block covers

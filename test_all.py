@@ -1,4 +1,5 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny shapes; every test can fail."""
+import ast
 import importlib.util
 import json
 import math
@@ -17,9 +18,10 @@ import data
 import plan
 import pusht
 import state_probe
-from lam import FSQ, LAM, VQ, LAMConfig, code_stats, random_crop
+from lam import FSQ, LAM, VQ, LAMConfig, code_stats
 from model import STBlock, patchify, unpatchify
-from world_model import ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
+from sim import SENSOR_NOISE, PushSim, generate_episode
+from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, own_context, rollout, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(res=16, patch=4, width=32, depth=2, n_heads=2)
@@ -39,6 +41,10 @@ def randomize_zero_inits(*modules):
                     p.normal_(0, 0.1)
 
 
+HAVE_PUSHT = importlib.util.find_spec('gym_pusht') is not None
+needs_pusht = pytest.mark.skipif(not HAVE_PUSHT, reason='gym-pusht is absent (pip install -r requirements-pusht.txt)')
+
+
 # ----------------------------------------------------------------------------------------------------
 # model.py
 
@@ -52,13 +58,12 @@ def test_patchify_round_trip():
         patchify(torch.randn(1, 1, 3, 10, 10), 4)
 
 
-@pytest.mark.parametrize("cond", [False, True])
-def test_causal_temporal_attention(cond):
+def test_causal_temporal_attention():
     torch.manual_seed(0)
-    blk = STBlock(32, 2, cond=cond)
+    blk = STBlock(32, 2, n_side=2)
     randomize_zero_inits(blk)
-    x = torch.randn(2, 5, 4, 32)
-    c = torch.randn(2, 5, 32) if cond else None
+    x = torch.randn(2, 5, 4, 32)  # 5 frames of 2 x 2 patches
+    c = torch.randn(2, 5, 32)
     y = blk(x, c)
     x2 = x.clone()
     x2[:, 3] += 1.0  # change frame 3 only
@@ -66,6 +71,97 @@ def test_causal_temporal_attention(cond):
     assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-6), "a future frame leaked into the past"
     assert not torch.allclose(y[:, 3:], y2[:, 3:])
 
+
+# ----------------------------------------------------------------------------------------------------
+# lam.py
+
+def test_vq_straight_through_reaches_encoder():
+    torch.manual_seed(0)
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=2, n_heads=2, n_action_tokens=2, action_dim=8, quantizer='vq', codebook_size=4))
+    out = lam(torch.randn(2, 3, 3, 16, 16))
+    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2)
+    (out['z'].square().sum() + out['quant_loss']).backward()
+    g = lam.idm.embed.weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert lam.quantizer.codebook.grad.abs().sum() > 0
+    # the forward value is exactly the chosen codebook entry
+    assert torch.allclose(out['z'], lam.quantizer.codebook[out['codes']], atol=1e-6)
+
+
+def test_quantizer_stats_known_histogram():
+    codes = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)  # 3 of 4 entries used, p = (.6, .2, .2, 0)
+    s = code_stats(codes, 4)
+    H = -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2))
+    assert s['code_util'] == pytest.approx(0.75)
+    assert s['code_max'] == pytest.approx(0.6)
+    assert s['code_entropy'] == pytest.approx(H / math.log(4))
+    assert s['code_perplexity'] == pytest.approx(math.exp(H))
+    uniform = code_stats(torch.arange(8).repeat(3), 8)
+    assert uniform['code_util'] == 1 and uniform['code_entropy'] == pytest.approx(1.0)
+
+
+def test_fsq_uses_every_level_combination():
+    torch.manual_seed(0)
+    fsq = FSQ((4, 3, 2), 16)  # even, odd and the smallest level count
+    z = torch.randn(20000, 16) * 3
+    z_q, codes, _ = fsq(z)
+    assert fsq.size == 24 and set(codes.unique().tolist()) == set(range(24)) and torch.isfinite(z_q).all()
+
+
+def test_fresh_idm_already_reads_the_move_from_keypoints():
+    """An untrained IDM's latent must carry some of the move, or nothing tells the warm-up where to start: a
+    square moves by a random step over a fixed textured background; a ridge probe from the fresh IDM's output
+    to the step reaches R² > 0.4 on every seed (difference pooling alone: about 0.2)."""
+    g = torch.Generator().manual_seed(0)
+    n, res = 1200, 16
+    x = (torch.rand(n, 1, 3, res, res, generator=g) * 0.2 - 0.6).repeat(1, 2, 1, 1, 1)  # (n, 2 frames, 3, H, W)
+    pos, move = torch.randint(3, res - 7, (n, 2), generator=g), torch.randint(-2, 3, (n, 2), generator=g)
+    for i, ((cx, cy), (dx, dy)) in enumerate(zip(pos.tolist(), move.tolist())):
+        x[i, 0, :, cy:cy + 4, cx:cx + 4] = 0.8
+        x[i, 1, :, cy + dy:cy + dy + 4, cx + dx:cx + dx + 4] = 0.8
+    for seed in range(3):
+        r2 = {}
+        for k in (16, 0):
+            torch.manual_seed(seed)
+            cfg = LAMConfig(res=res, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, quantizer='none',
+                            max_frames=2, idm_keypoints=k)
+            with torch.no_grad():
+                z = LAM(cfg).eval().idm(x)[:, 0]
+            r2[k] = cola.ridge_probe(z[:800], move[:800].float(), z[800:], move[800:].float())['r2']
+        assert r2[16] > 0.4 and r2[16] > r2[0] + 0.2, (seed, r2)
+
+
+def test_dead_code_restart_revives_entries():
+    torch.manual_seed(0)
+    vq = VQ(8, 4)
+    with torch.no_grad():
+        vq.codebook[1:] += 100.0  # only entry 0 is ever chosen
+    z = torch.randn(64, 4)
+    vq.eval()
+    vq(z)
+    assert vq.restarts == 0  # restarts happen in training only
+    vq.train()
+    vq(z)
+    assert vq.restarts == 7 and code_stats(vq(z)[1], 8)['code_util'] > 0.5  # the 7 dead entries, counted
+
+
+def test_soft_to_hard_passes_the_continuous_latent_with_probability_p_relax():
+    torch.manual_seed(0)
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, max_frames=6))  # FSQ
+    x = torch.randn(8, 6, 3, 16, 16)
+    with torch.no_grad():
+        z_e = lam.idm(x)
+        hard, soft = lam.quantizer(z_e)[0], lam.quantizer.relax(z_e)
+        assert not torch.allclose(hard, soft)
+        assert torch.allclose(lam(x, p_relax=0.0)['z'], hard) and torch.allclose(lam(x, p_relax=1.0)['z'], soft)
+        half = lam(x, p_relax=0.5)['z']
+        is_soft, is_hard = (torch.isclose(half, ref, atol=1e-6).flatten(2).all(-1) for ref in (soft, hard))  # (B, T-1)
+        assert (is_soft | is_hard).all() and 0.2 < is_soft.float().mean() < 0.8  # per transition
+        assert torch.allclose(lam.eval()(x, p_relax=1.0)['z'], hard)  # evaluation is always quantized
+
+
+# ----------------------------------------------------------------------------------------------------
+# world_model.py
 
 def test_dit_zero_init_is_identity():
     """adaLN-Zero: every fresh block is the identity, and a fresh DiT predicts "nothing moves": the clean
@@ -97,87 +193,6 @@ def test_dit_is_causal_in_time():
     y, y2 = wm(x, t), wm(x2, t)
     assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-5) and not torch.allclose(y[:, 3], y2[:, 3])
 
-
-# ----------------------------------------------------------------------------------------------------
-# lam.py
-
-def test_vq_straight_through_reaches_encoder():
-    torch.manual_seed(0)
-    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=2, n_heads=2, n_action_tokens=2, action_dim=8, codebook_size=4))
-    out = lam(torch.randn(2, 3, 3, 16, 16))
-    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2)
-    (out['z'].square().sum() + out['codebook_loss'] + out['commit_loss']).backward()
-    g = lam.idm.embed.weight.grad
-    assert g is not None and g.abs().sum() > 0
-    assert lam.quantizer.codebook.grad.abs().sum() > 0
-    # the forward value is exactly the chosen codebook entry
-    assert torch.allclose(out['z'], lam.quantizer.codebook[out['codes']], atol=1e-6)
-
-
-def test_quantizer_stats_known_histogram():
-    codes = torch.tensor([0] * 6 + [1] * 2 + [2] * 2)  # 3 of 4 entries used, p = (.6, .2, .2, 0)
-    s = code_stats(codes, 4)
-    H = -(0.6 * math.log(0.6) + 2 * 0.2 * math.log(0.2))
-    assert s['code_util'] == pytest.approx(0.75)
-    assert s['code_max'] == pytest.approx(0.6)
-    assert s['code_entropy'] == pytest.approx(H / math.log(4))
-    assert s['code_perplexity'] == pytest.approx(math.exp(H))
-    uniform = code_stats(torch.arange(8).repeat(3), 8)
-    assert uniform['code_util'] == 1 and uniform['code_entropy'] == pytest.approx(1.0)
-
-
-def test_fsq_uses_every_level_combination():
-    torch.manual_seed(0)
-    fsq = FSQ((4, 3, 2), 16)  # even, odd and the smallest level count
-    z = torch.randn(20000, 16) * 3
-    z_q, codes, _, _ = fsq(z)
-    assert fsq.size == 24 and set(codes.unique().tolist()) == set(range(24)) and torch.isfinite(z_q).all()
-
-
-def test_fresh_idm_already_reads_the_move_from_keypoints():
-    """An untrained IDM's latent must carry some of the move, or nothing tells the warm-up where to start: a
-    square moves by a random step over a fixed textured background; a ridge probe from the fresh IDM's output
-    to the step reaches R² > 0.4 on every seed (difference pooling alone: about 0.2)."""
-    g = torch.Generator().manual_seed(0)
-    n, res = 1200, 16
-    x = (torch.rand(n, 1, 3, res, res, generator=g) * 0.2 - 0.6).repeat(1, 2, 1, 1, 1)  # (n, 2 frames, 3, H, W)
-    pos, move = torch.randint(3, res - 7, (n, 2), generator=g), torch.randint(-2, 3, (n, 2), generator=g)
-    for i, ((cx, cy), (dx, dy)) in enumerate(zip(pos.tolist(), move.tolist())):
-        x[i, 0, :, cy:cy + 4, cx:cx + 4] = 0.8
-        x[i, 1, :, cy + dy:cy + dy + 4, cx + dx:cx + dx + 4] = 0.8
-    for seed in range(3):
-        r2 = {}
-        for k in (16, 0):
-            torch.manual_seed(seed)
-            cfg = LAMConfig(res=res, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, quantizer='none',
-                            max_frames=2, idm_keypoints=k)
-            with torch.no_grad():
-                z = LAM(cfg).eval().idm(x)[:, 0]
-            r2[k] = cola.ridge_probe(z[:800], move[:800].float(), z[800:], move[800:].float())['r2']
-        assert r2[16] > 0.4 and r2[16] > r2[0] + 0.2, (seed, r2)
-
-
-def test_dead_code_restart_revives_entries():
-    torch.manual_seed(0)
-    vq = VQ(8, 4, dead_code_restart=True)
-    with torch.no_grad():
-        vq.codebook[1:] += 100.0  # only entry 0 is ever chosen
-    z = torch.randn(64, 4)
-    vq(z)
-    assert code_stats(vq(z)[1], 8)['code_util'] > 0.5
-
-
-def test_random_crop_same_for_all_frames():
-    x = torch.rand(1, 1, 3, 16, 16).expand(2, 4, 3, 16, 16).contiguous()
-    y = random_crop(x, 0.5)
-    assert y.shape == x.shape
-    assert torch.allclose(y[:, 0], y[:, 3])  # one crop per clip
-    assert not torch.allclose(y, x)
-    assert torch.allclose(random_crop(x, 1.0), x, atol=1e-5)  # full-size crop is the identity
-
-
-# ----------------------------------------------------------------------------------------------------
-# world_model.py
 
 def test_action_alignment():
     """Action k (transition k -> k+1) conditions frame k+1: changing it changes only frames >= k+1."""
@@ -237,9 +252,9 @@ def test_sampler_deterministic_and_rollout_shapes():
     wm, act = tiny_wm()
     randomize_zero_inits(wm, act)
     ctx, z = torch.randn(2, 2, 3, 16, 16), torch.randn(2, 4, 2, 32)
-    a = sample(wm, act, ctx, z, n_steps=3, generator=torch.Generator().manual_seed(7))
-    b = sample(wm, act, ctx, z, n_steps=3, generator=torch.Generator().manual_seed(7))
-    c = sample(wm, act, ctx, z, n_steps=3, generator=torch.Generator().manual_seed(8))
+    a = sample(wm, act, ctx, z, n_steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
+    b = sample(wm, act, ctx, z, n_steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(7))
+    c = sample(wm, act, ctx, z, n_steps=3, cfg_scale=4.0, generator=torch.Generator().manual_seed(8))
     assert a.shape == (2, 3, 3, 16, 16) and torch.equal(a, b) and not torch.equal(a, c)
     guided = sample(wm, act, ctx, z, n_steps=3, cfg_scale=1.0, generator=torch.Generator().manual_seed(7))
     assert not torch.equal(a, guided)  # the guidance scale matters
@@ -248,29 +263,44 @@ def test_sampler_deterministic_and_rollout_shapes():
     assert frames.shape == (2, 11, 3, 16, 16) and torch.equal(frames[:, :2], ctx)
 
 
-def test_tuple_settings_take_comma_lists():
-    from configurator import parse_value
-    assert parse_value('presets', 'base', ('cpu', 'base')) == ('base',)
-    assert parse_value('presets', 'cpu, base', ('cpu', 'base')) == ('cpu', 'base')
-    assert parse_value('fsq_levels', '8,4', (8, 4)) == (8, 4) and parse_value('fsq_levels', '5', (8, 4)) == (5,)
+def test_own_context_is_the_models_prediction_of_the_context():
+    """Clips one window plus n_context frames long -> windows whose context is, in a fraction of the clips, what
+    the model predicts for those frames from the frames before; the targets stay real."""
+    torch.manual_seed(0)
+    wm, act = tiny_wm()  # windows of 5 frames, 2 of context
+    randomize_zero_inits(wm, act)
+    x, z = torch.rand(6, 7, 3, 16, 16) * 2 - 1, torch.randn(6, 6, 2, 32)
+    y, zy = own_context(wm, act, x, z, frac=0.0)
+    assert torch.equal(y, x[:, 2:]) and torch.equal(zy, z[:, 2:])
+    y, zy = own_context(wm, act, x, z, frac=1.0, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    torch.rand(6, generator=g)  # own_context's draw of the clips it replaces
+    pred = sample(wm, act, x[:, :2], z[:, :4], 5, n_steps=1, generator=g)  # frames 2..4 from frames 0, 1
+    assert torch.allclose(y[:, :2], pred[:, :2].clamp(-1, 1)) and torch.equal(y[:, 2:], x[:, 4:])
+    assert not torch.allclose(y[:, :2], x[:, 2:4]) and torch.equal(zy, z[:, 2:])
+    y, _ = own_context(wm, None, x, None, frac=0.5)  # action-free (pretraining): some clips replaced, not all
+    replaced = (y[:, :2] != x[:, 2:4]).flatten(1).any(1)
+    assert 0 < replaced.sum() < 6 and torch.equal(y[:, 2:], x[:, 4:])
+    with pytest.raises(ValueError, match='2 x n_context'):
+        own_context(wm, act, x[:, :5], z[:, :4])
 
 
 # ----------------------------------------------------------------------------------------------------
-# data.py
+# sim.py
 
 def test_simulator_is_deterministic():
-    a, b, c = data.generate_episode(3, 12, 32), data.generate_episode(3, 12, 32), data.generate_episode(4, 12, 32)
+    a, b, c = generate_episode(3, 12, 32), generate_episode(3, 12, 32), generate_episode(4, 12, 32)
     for k in ('frames', 'actions', 'states'):
         assert a[k].tobytes() == b[k].tobytes()
     assert a['frames'].shape == (12, 32, 32, 3) and a['actions'].shape == (11, 2) and a['states'].shape == (12, 8)
     assert not np.array_equal(a['frames'], c['frames'])
     # Appearance is drawn after the layout, so dynamics do not depend on the resolution.
-    assert np.array_equal(a['states'], data.generate_episode(3, 12, 16)['states'])
+    assert np.array_equal(a['states'], generate_episode(3, 12, 16)['states'])
 
 
 def test_actions_align_with_frames_and_state_round_trips():
-    ep = data.generate_episode(5, 16, 32, noise=0)
-    sim = data.PushSim(32, 5)
+    ep = generate_episode(5, 16, 32, noise=0)
+    sim = PushSim(32, 5)
     assert np.array_equal(sim.render(), ep['frames'][0])
     for t in range(15):
         sim.set_state(ep['states'][t])
@@ -287,14 +317,14 @@ def test_actions_align_with_frames_and_state_round_trips():
 
 
 def test_recorded_frames_carry_sensor_noise_only():
-    clean, noisy = data.generate_episode(5, 16, 32, noise=0), data.generate_episode(5, 16, 32)
+    clean, noisy = generate_episode(5, 16, 32, noise=0), generate_episode(5, 16, 32)
     diff = noisy['frames'].astype(float) - clean['frames']
-    assert abs(diff.std() - data.SENSOR_NOISE) < 0.2 and abs(diff.mean()) < 0.1
+    assert abs(diff.std() - SENSOR_NOISE) < 0.2 and abs(diff.mean()) < 0.1
     assert np.array_equal(noisy['states'], clean['states']) and np.array_equal(noisy['actions'], clean['actions'])
 
 
 def test_render_is_antialiased_and_subpixel_motion_shows():
-    sim = data.PushSim(32, 0)
+    sim = PushSim(32, 0)
     s = sim.get_state()
     a = sim.render().astype(float)
     s[0] += 0.1 / 32  # a tenth of a pixel to the right
@@ -305,22 +335,20 @@ def test_render_is_antialiased_and_subpixel_motion_shows():
 
 
 def test_random_policy_is_iid_over_the_nine_moves():
-    acts = data.generate_episode(0, 400, 16, policy='random')['actions']
+    acts = generate_episode(0, 400, 16, policy='random')['actions']
     moves, counts = np.unique(acts, axis=0, return_counts=True)
     assert len(moves) == 9 and set(np.unique(moves)) == {-1, 0, 1} and counts.min() > 20
     assert abs(np.corrcoef(acts[:-1, 0], acts[1:, 0])[0, 1]) < 0.15  # no memory from step to step
     with pytest.raises(ValueError, match='--policy'):
-        data.generate_episode(0, 4, 16, policy='nope')
-    with pytest.raises(ValueError, match='--world'):
-        data.PushSim(16, 0, world='nope')
+        generate_episode(0, 4, 16, policy='nope')
 
 
 def test_pushing_moves_blocks_and_keeps_them_apart():
     moved = 0
     for seed in range(10):
-        st = data.generate_episode(seed, 32, 16)['states']
+        st = generate_episode(seed, 32, 16)['states']
         moved += np.abs(np.diff(st[:, 2:], axis=0)).max() > 0.02
-        sim = data.PushSim(16, seed)
+        sim = PushSim(16, seed)
         for s in st:  # no two bodies overlap (bounding boxes), everything inside the walls
             pos, half = s.reshape(-1, 2)[:1 + sim.n_blocks], np.array(sim.half)
             assert np.all(pos - half[:, None] >= -1e-5) and np.all(pos + half[:, None] <= 1 + 1e-5)
@@ -331,7 +359,7 @@ def test_pushing_moves_blocks_and_keeps_them_apart():
 
 
 def test_blocked_block_stops_the_agent():
-    sim = data.PushSim(32, 0)
+    sim = PushSim(32, 0)
     sim.n_blocks, sim.half = 1, [sim.r, sim.h[0]]
     wall = 1 - sim.h[0]
     sim.set_state([wall - sim.h[0] - sim.r - 0.01, 0.5, wall, 0.5])  # block against the right wall
@@ -341,20 +369,8 @@ def test_blocked_block_stops_the_agent():
     assert bx == pytest.approx(wall) and x == pytest.approx(wall - sim.h[0] - sim.r, abs=1e-6)
 
 
-def test_planning_tasks_are_reachable():
-    for family in ('reach', 'push'):
-        for seed in range(3):
-            task = data.make_task(family, seed, horizon=20, res=32)
-            args = (task['goal_state'], task['n_blocks'])
-            assert data.task_success(family, task['goal_state'], *args)
-            assert not data.task_success(family, task['start_state'], *args)
-            sim = data.PushSim(32, task['episode_seed'])  # replaying the plan reaches the goal frame
-            for a in task['actions']:
-                frame = sim.step(a)
-            assert np.array_equal(frame, task['goal_frame'])
-    batch = np.stack([task['start_state'], task['goal_state']])
-    assert data.task_success('push', batch, task['goal_state'], task['n_blocks']).tolist() == [False, True]
-
+# ----------------------------------------------------------------------------------------------------
+# data.py
 
 def test_cli_writes_npz_episodes(tmp_path):
     out = tmp_path / 'eps'
@@ -363,7 +379,7 @@ def test_cli_writes_npz_episodes(tmp_path):
     files = sorted(os.listdir(out))
     assert files == ['ep_000000.npz', 'ep_000001.npz']
     ep = data.load_episode(str(out / files[1]), 32)
-    ref = data.generate_episode(data._episode_seed(0, 1), 8, 32)
+    ref = generate_episode(data.episode_seed(0, 1), 8, 32)
     for k in ('frames', 'actions', 'states'):
         assert np.array_equal(ep[k], ref[k])
     assert int(np.load(out / files[1])['n_blocks']) == ref['n_blocks']
@@ -372,7 +388,7 @@ def test_cli_writes_npz_episodes(tmp_path):
 
 
 def test_video_round_trip(tmp_path):
-    frames = data.generate_episode(1, 10, 64)['frames']
+    frames = generate_episode(1, 10, 64)['frames']
     frames[:, :8, :8] = np.arange(10)[:, None, None, None] * 25  # Pillow's GIF writer merges repeated frames
     iio.imwrite(tmp_path / 'a.mp4', frames, plugin='FFMPEG', fps=10)
     iio.imwrite(tmp_path / 'b.gif', frames, loop=0)
@@ -388,7 +404,7 @@ def test_video_round_trip(tmp_path):
 
 
 def _write_npz(d, name, T, res=16, seed=0):
-    ep = data.generate_episode(seed, T, res)
+    ep = generate_episode(seed, T, res)
     np.savez(os.path.join(d, name), frames=ep['frames'], actions=ep['actions'], states=ep['states'])
     return ep
 
@@ -439,7 +455,7 @@ def test_prepare_and_clip_sampler(tmp_path):
         assert np.array_equal(b['actions'][k].numpy(), ep['actions'][t:t + 3])
         assert np.array_equal(b['states'][k].numpy(), ep['states'][t:t + 4])
         assert i in s.episodes('train')
-    ref = data.generate_episode(data._episode_seed(0, 2), 10, 16)
+    ref = generate_episode(data.episode_seed(0, 2), 10, 16)
     ep = s.get_episode(2)
     assert all(np.array_equal(ep[k], ref[k]) for k in ('frames', 'actions', 'states'))
     train, val = set(s.episodes('train')), set(s.episodes('val'))
@@ -488,484 +504,7 @@ def test_default_dataset_is_cached(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# train.py, run as users run it: tiny shapes, a few steps
-
-TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
-              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
-              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    return data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=6, T=12, res=16)
-
-
-def run(program, *flags, torchrun=0):
-    """Run one of the programs as users do (under torchrun with that many processes); CompletedProcess."""
-    # --standalone: torchrun picks a free port, so back-to-back runs never collide on the default one
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
-    launcher = launcher if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(HERE, program), *flags], capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def train(out, *flags, data_dir=None, check=True, torchrun=0):
-    """train.py with tiny settings; asserts success unless check=False."""
-    r = run('train.py', f'--out_dir={out}', *TINY_TRAIN, *flags, *([f'--data={data_dir}'] if data_dir else []),
-            torchrun=torchrun)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def ckpt(out):
-    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
-def log_of(out):
-    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
-
-
-@pytest.fixture(scope='module')
-def pretrained(tiny_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('pre'))
-    train(out, '--mode=pretrain', '--pretrain_steps=3', data_dir=tiny_data)
-    return out
-
-
-def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path):
-    out = str(tmp_path)
-    train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=0', data_dir=tiny_data)
-    pre, warm = ckpt(pretrained), ckpt(out)
-    assert warm['phase'] == 'warmup' and warm['step'] == 3
-    assert same(warm['wm'], pre['wm']), "warm-up changed the world model"
-    torch.manual_seed(0)
-    fresh = {k: m.state_dict() for k, m in cola.build(warm['config']).items()}
-    assert same(fresh['lam'], pre['lam']) and same(fresh['action'], pre['action'])  # the start we compare to
-    assert not same(warm['lam'], fresh['lam']) and not same(warm['action'], fresh['action'])
-    for rec in log_of(out):
-        assert rec['phase'] == 'warmup' and rec['grad_wm'] == 0
-        assert rec['grad_lam'] > 0 and rec['grad_action'] > 0 and 0 < rec['code_util'] <= 1
-    train(out, '--resume', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=2',
-          data_dir=tiny_data)
-    joint = ckpt(out)
-    assert joint['phase'] == 'joint' and joint['step'] == 5
-    for k in ('wm', 'action', 'lam'):
-        assert not same(joint[k], warm[k]), f"joint training left {k} unchanged"
-    assert all(r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'joint')
-
-
-def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
-    out = str(tmp_path)
-    train(out, '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2', '--wm_steps=0',
-          data_dir=tiny_data)
-    stage1 = ckpt(out)
-    assert same(stage1['wm'], ckpt(pretrained)['wm']) and any(k.startswith('decoder.') for k in stage1['lam'])
-    assert all('recon' in r and r['phase'] == 'lam' for r in log_of(out))
-    train(out, '--resume', '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2',
-          '--wm_steps=2', data_dir=tiny_data)
-    stage2 = ckpt(out)
-    assert stage2['phase'] == 'wm' and same(stage2['lam'], stage1['lam'])
-    assert not same(stage2['wm'], stage1['wm']) and not same(stage2['action'], stage1['action'])
-    assert all(r['grad_lam'] == 0 for r in log_of(out) if r['phase'] == 'wm')
-
-
-def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_path):
-    """The paper's Fig. 4b control: warm-up as in CoLA, then the LAM stays frozen while the WM trains."""
-    out, flags = str(tmp_path), ['--mode=frozen_lam', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=2']
-    train(out, *flags, '--joint_steps=0', data_dir=tiny_data)
-    warm = ckpt(out)
-    assert warm['phase'] == 'warmup' and same(warm['wm'], ckpt(pretrained)['wm'])
-    train(out, '--resume', *flags, '--joint_steps=2', data_dir=tiny_data)
-    final = ckpt(out)
-    assert final['phase'] == 'wm' and final['step'] == 4 and same(final['lam'], warm['lam'])
-    assert not same(final['wm'], warm['wm']) and not same(final['action'], warm['action'])
-    assert [r['phase'] for r in log_of(out)] == ['warmup'] * 2 + ['wm'] * 2
-    assert all(r['grad_lam'] == 0 and r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'wm')
-
-
-def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
-    """An uninterrupted run and one stopped by SIGTERM then resumed log identical losses (CPU, same seed)."""
-    import signal
-    import time
-    flags = ['--pretrain_steps=150', '--warmup_steps=100', '--joint_steps=100', '--eval_clips=0']
-    ref = str(tmp_path / 'ref')
-    train(ref, *flags, data_dir=tiny_data)
-    out = str(tmp_path / 'cut')
-    cmd = [sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out}', f'--data={tiny_data}'] + TINY_TRAIN + flags
-    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
-    log = os.path.join(out, 'log.jsonl')
-    while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 120):
-        time.sleep(0.02)
-    p.send_signal(signal.SIGTERM)
-    stdout, _ = p.communicate()
-    assert p.returncode == 0 and 'stopped by signal' in stdout
-    cut = ckpt(out)
-    assert 120 <= cut['step'] < 350, "the signal did not land inside training"
-    train(out, '--resume', *flags, data_dir=tiny_data)
-    a, b = log_of(ref), log_of(out)
-    assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in b]
-
-
-def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
-    out = str(tmp_path)
-    r = train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=2', data_dir=tiny_data, torchrun=2)
-    ranks = ckpt(out)['ranks']
-    assert len(ranks) == 2 and ranks[0]['fingerprint'] == ranks[1]['fingerprint'], "ranks' weights differ"
-    assert ranks[0]['sampler'] != ranks[1]['sampler']  # each rank draws its own clips
-    assert 'differ' not in r.stdout and 'x2' in r.stdout
-
-
-def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
-    cases = [(['--bogus=1'], 'unknown flag --bogus'),
-             (['--data=/no/such/dir'], 'no such folder'),
-             ([f'--data={tmp_path}'], 'empty dataset'),
-             ([f'--data={tiny_data}', '--n_frames=13'], 'has 13 frames'),
-             ([f'--data={tiny_data}', '--width=64', f'--init_from={pretrained}/ckpt.pt'], 'incompatible config')]
-    for flags, msg in cases:
-        r = train(str(tmp_path / 'o'), *flags, check=False)
-        assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])
-        assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
-    """--init_from loads `wm` alone, so another quantizer may start from the same pretrained world model."""
-    train(str(tmp_path), f'--init_from={pretrained}/ckpt.pt', '--quantizer=fsq', '--fsq_levels=(4, 2)',
-          '--warmup_steps=1', '--joint_steps=0', data_dir=tiny_data)
-    assert same(ckpt(str(tmp_path))['wm'], ckpt(pretrained)['wm'])
-
-
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):
-    out = str(tmp_path)
-    r = train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=20', '--joint_steps=0', '--lr=1e30',
-              '--grad_clip=1e30', '--lr_warmup=0', '--ckpt_interval=1', data_dir=tiny_data, check=False)
-    assert r.returncode == 1 and 'non-finite loss' in r.stderr
-    last = ckpt(out)
-    assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
-
-
-# ----------------------------------------------------------------------------------------------------
-# measurements (cola.py), sample.py, eval.py
-
-FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory):
-    """A tiny CoLA checkpoint (pretrain -> warm-up -> joint, a few steps) trained on 8 simulator episodes."""
-    d = data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=8, T=12, res=16)
-    out = str(tmp_path_factory.mktemp('ck'))
-    train(out, '--pretrain_steps=3', '--warmup_steps=3', '--joint_steps=2', '--eval_clips=0', data_dir=d)
-    return os.path.join(out, 'ckpt.pt')
-
-
-def test_probe_recovers_linear_map_and_not_noise():
-    g = torch.Generator().manual_seed(0)
-    actions = torch.rand(3000, 2, generator=g) * 2 - 1
-    latents = (actions @ torch.randn(2, 16, generator=g) + 0.5).view(-1, 2, 8)  # a known linear map, (N, n_tok, d)
-    fit = cola.ridge_probe(latents[:2000], actions[:2000], latents[2000:], actions[2000:])
-    assert fit['r2'] > 0.999 and fit['l1'] < 0.01 < fit['l1_mean']
-    noise = torch.randn(3000, 2, 8, generator=g)
-    fit = cola.ridge_probe(noise[:2000], actions[:2000], noise[2000:], actions[2000:])
-    assert abs(fit['r2']) < 0.05 and fit['l1'] == pytest.approx(fit['l1_mean'], rel=0.05)
-    constant = torch.ones(3000, 2, 8)  # a collapsed codebook: the probe predicts the mean, no blow-up
-    fit = cola.ridge_probe(constant[:2000], actions[:2000], constant[2000:] + 1, actions[2000:])
-    assert fit['l1'] == pytest.approx(fit['l1_mean'], abs=1e-6)
-
-
-def test_probes_tell_linear_from_nonlinear_codes():
-    """eval.py's fair probes on latents with a known map: FSQ-like grid coordinates that are a non-monotone
-    function of the action defeat the linear probe but not the MLP or one-hot probes; per-dim R² is per dim."""
-    g = torch.Generator().manual_seed(0)
-    actions = torch.rand(3000, 2, generator=g) * 2 - 1
-    bins = ((actions + 1) * 4).long().clamp(max=7)  # 8 bins per dim: code = 8 * bin_x + bin_y, a known lookup
-    codes = bins[:, 0] * 8 + bins[:, 1]
-    scramble = torch.randperm(8, generator=g)  # grid coordinates in a scrambled order: not linear in the action
-    grid = scramble[bins].float()[:, None, :]  # (N, n_tok=1, 2), like FSQ's rounded coordinates
-    tr, te = slice(0, 2000), slice(2000, None)
-    linear = cola.ridge_probe(grid[tr], actions[tr], grid[te], actions[te])
-    mlp = cola.mlp_probe(grid[tr], actions[tr], grid[te], actions[te])
-    onehot = F.one_hot(codes, 64).float()
-    hot = cola.ridge_probe(onehot[tr], actions[tr], onehot[te], actions[te])
-    assert linear['r2'] < 0.5 and mlp['r2'] > 0.9 and hot['r2'] > 0.9  # 8 bins: R² of binning is 1 - 1/64
-    assert len(mlp['r2_per_dim']) == 2 and mlp['r2'] == pytest.approx(sum(mlp['r2_per_dim']) / 2)
-    half = torch.cat([actions[:, :1], torch.randn(3000, 1, generator=g)], 1)[:, None]  # only dim 0 is encoded
-    fit = cola.ridge_probe(half[tr], actions[tr], half[te], actions[te])
-    assert fit['r2_per_dim'][0] > 0.99 and abs(fit['r2_per_dim'][1]) < 0.05
-
-
-def test_ssim_matches_scikit_image():
-    from skimage.metrics import structural_similarity
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 2, 3, 24, 20, generator=g) * 2 - 1
-    b = (a + 0.4 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
-    b[0, 0] = a[0, 0] * 0.5 + 0.2  # a contrast/brightness change as well as noise
-    ours = cola.ssim(a, b)
-    for i in range(2):
-        for t in range(2):
-            ref = structural_similarity(a[i, t].permute(1, 2, 0).double().numpy(), b[i, t].permute(1, 2, 0).double().numpy(),
-                                        data_range=2.0, gaussian_weights=True, sigma=1.5,
-                                        use_sample_covariance=False, channel_axis=2)
-            assert abs(ours[i, t].item() - ref) < 1e-3
-
-
-def test_identical_clips_score_finite():
-    a = torch.rand(2, 3, 3, 16, 16) * 2 - 1
-    assert torch.equal(cola.psnr(a, a), torch.full((2, 3), 100.0))  # the cap, not inf
-    assert torch.allclose(cola.ssim(a, a), torch.ones(2, 3))
-    p, s = cola.scores(a, a, 1)
-    assert all(math.isfinite(x) for x in p + s) and len(p) == 2
-
-
-def test_latent_actions_window_like_the_idm():
-    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8, max_frames=4)).eval()
-    clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
-    out = cola.latent_actions(lam, clips)
-    assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
-    with torch.no_grad():  # windows of 4 frames sharing a frame: transitions 0-2, 3-5, 6-7
-        want = torch.cat([lam(clips[:, s:s + 4])['z'] for s in (0, 3, 6)], 1)
-    assert torch.allclose(out['z'], want, atol=1e-6)
-
-
-def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
-    g = torch.Generator().manual_seed(0)
-    actions = torch.rand(500, 2, generator=g) * 2 - 1
-    z_e = torch.tanh(actions @ torch.randn(2, 16, generator=g)).view(-1, 2, 8)  # (N, n_tok, d)
-    adapter, losses = cola.train_adapter(actions, z_e, steps=200)
-    assert losses[-1] < 0.1 * losses[0]
-    with torch.inference_mode():
-        z, codes, _, _ = VQ(8, 8)(adapter(actions))
-    assert z.shape == (500, 2, 8) and codes.min() >= 0 and codes.max() < 8
-
-
-def test_sample_writes_gifs(tiny_ckpt, tmp_path):
-    r = run('sample.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', *FAST, '--n_clips=3', '--tour_steps=3')
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert len(res['psnr_per_step']) == 6 and math.isfinite(res['psnr']) and len(res['gifs']) == 5
-    # scale 2; 16-pixel frames with 1-pixel gaps; a 3-pixel time bar under them
-    rollout = iio.imread(tmp_path / 'rollout_0.gif')  # truth | generated | difference, 2 + 6 frames
-    assert rollout.shape == (8, 2 * (16 + 3), 2 * (3 * 17 - 1), 3)
-    transfer = iio.imread(tmp_path / 'transfer.gif')  # 3 clips x 3 panels
-    assert transfer.shape == (8, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
-    tour = iio.imread(tmp_path / 'codebook.gif')  # 8 codes in a 3 x 3 grid, 2 + 3 frames
-    assert tour.shape == (5, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
-
-
-def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
-    """A --mode=actions checkpoint: eval.py rolls it out with the clips' real actions, and sample.py does the
-    same (same clips, same noise: the same PSNR), not with its untrained LAM."""
-    out = str(tmp_path / 'act')
-    train(out, '--mode=actions', '--actions_steps=4', data_dir=tiny_data)
-    flags = [f'--ckpt={out}/ckpt.pt', *FAST]
-    e, s = run('eval.py', *flags), run('sample.py', *flags, f'--out_dir={tmp_path}')
-    assert e.returncode == 0 and s.returncode == 0, e.stderr[-2000:] + s.stderr[-2000:]
-    ev, sa = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (e, s))
-    assert ev['mode'] == 'actions' and 'probe_r2' not in ev and 'adapter_psnr' not in ev
-    assert 'driven by the real actions' in s.stdout and sa['psnr'] == pytest.approx(ev['psnr'], abs=1e-3)
-    with torch.no_grad():  # and a different action sequence gives a different rollout: the actions are used
-        models, _ = cola.load_models(f'{out}/ckpt.pt')
-        clips = torch.rand(2, 5, 3, 16, 16) * 2 - 1
-        a = torch.rand(2, 4, 2) * 2 - 1
-        z = lambda acts: cola.real_latents(acts, models['lam'].cfg)
-        assert not torch.equal(cola.simulate(models, clips, z(a)), cola.simulate(models, clips, z(-a)))
-
-
-def test_state_probe_readout_finds_objects_in_any_order():
-    states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
-    heat = state_probe.object_maps(states, 8, 32)  # what a perfect probe draws
-    d = state_probe.object_distances(heat, states)
-    assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
-    swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
-    assert state_probe.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
-    moved = states.clone()
-    moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
-    moved[0, 4:6] = 0
-    d = state_probe.object_distances(state_probe.object_maps(moved, 8, 32), states)
-    assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
-    assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
-
-
-def test_state_probe_learns_positions_and_is_cached(tmp_path):
-    """The probe fits object positions on its training frames (its held-out error on the built-in data is in
-    the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
-    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
-    sampler = data.ClipSampler(d, 4, 'val')
-    probe = state_probe.load_state_probe(sampler, steps=400)
-    assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
-    eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
-    frames = cola.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
-    states = torch.from_numpy(np.stack([e['states'] for e in eps]))
-    err = state_probe.state_errors(probe, frames, states)
-    mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
-    assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
-    again = state_probe.state_errors(state_probe.load_state_probe(sampler), frames, states)  # loaded from the cache
-    assert torch.equal(again['agent'], err['agent'])
-
-
-def test_eval_json_and_determinism(tiny_ckpt):
-    flags = [f'--ckpt={tiny_ckpt}', *FAST, '--adapter_steps=30', '--adapter_episodes=3']
-    runs = [run('eval.py', *flags) for _ in range(2)]
-    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:]
-    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
-    for prefix in ('', 'null_', 'copy_', 'adapter_'):
-        for k in ('psnr', 'ssim'):
-            assert math.isfinite(a[prefix + k]) and len(a[f'{prefix}{k}_per_step']) == 6
-    for k in ('psnr_gain_over_null', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
-              'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss',
-              'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):
-        assert math.isfinite(a[k]), k
-    for p in ('', 'adapter_', 'null_', 'copy_'):  # the state probe's position errors, per step
-        for obj in ('agent', 'blocks'):
-            assert math.isfinite(a[f'{p}state_err_{obj}']) and len(a[f'{p}state_err_{obj}_per_step']) == 6
-    assert a['state_floor_agent'] >= 0 and a['state_floor_blocks'] >= 0
-    for k in ('probe_r2', 'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):  # 2-d actions: two R² each
-        assert len(a[k + '_per_dim']) == 2 and a[k] == pytest.approx(sum(a[k + '_per_dim']) / 2, abs=1e-3), k
-    assert not any('lpips' in k or 'fvd' in k for k in a)
-    a.pop('wall_s'), b.pop('wall_s')
-    assert a == b  # the same --seed gives the same figures
-
-
-@pytest.mark.parametrize('program', ['sample.py', 'eval.py'])
-def test_bad_checkpoint_is_one_line_error(program, tmp_path):
-    bad = tmp_path / 'bad.pt'
-    bad.write_bytes(b'not a checkpoint')
-    for path in (tmp_path / 'missing.pt', bad):
-        r = run(program, f'--ckpt={path}')
-        assert r.returncode == 2 and str(path) in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# plan.py and the PushT source
-
-HAVE_PUSHT = importlib.util.find_spec('gym_pusht') is not None
-needs_pusht = pytest.mark.skipif(not HAVE_PUSHT, reason='gym-pusht is absent (pip install -r requirements-pusht.txt)')
-
-
-@pytest.mark.parametrize('method', ['mppi', 'cem'])
-def test_planner_finds_minimum_of_quadratic(method):
-    target = torch.tensor([[0.5, -0.3], [-0.7, 0.2], [0.1, 0.9]])  # (H, A), inside [-1, 1]
-    cost = lambda a: ((a - target).square().sum((1, 2)), a)
-    p = plan.Planner(method, 3, 2, n_samples=100, n_iters=30, std=0.3, smoothing=0.0, seed=0)
-    mean, best = p.plan(cost)
-    # MPPI keeps its noise level, so its mean stays within ~std / sqrt(effective samples) of the minimum
-    assert (mean - target).abs().max() < (0.1 if method == 'mppi' else 0.02), mean
-    assert cost(mean[None])[0] < 0.02 * cost(torch.zeros(1, 3, 2))[0] and cost(best[None])[0] < 0.05
-    p.shift(1)  # warm start: the rest of the plan, then zeros
-    assert torch.equal(p.mean, torch.cat([mean[1:], torch.zeros(1, 2)]))
-
-
-def test_planner_with_the_simulator_as_model_solves_reach():
-    """The oracle: the same MPC loop with PushSim itself as the model reaches the goal of reach tasks."""
-    solved, moved = [], []
-    for k in range(4):
-        task = plan.sim_task('reach', k, res=32, task_horizon=8)
-        start = task.result()['dist']
-        p = plan.Planner('mppi', 8, 2, n_samples=32, seed=k)
-        r, obs, pred, times = plan.run_episode(task, p, lambda o, d, g: plan.simulator_cost(task.sim, g), 16, 4, 2)
-        solved.append(r['success'])
-        moved.append(r['dist'] < start)
-        assert len(obs) == len(pred) == 17 and len(times) == 4  # start + 16 steps; a plan every 4 steps
-    assert sum(solved) >= 3 and all(moved), (solved, moved)
-
-
-@needs_pusht
-def test_pusht_recording_aligns_frames_and_actions(tmp_path):
-    ep = pusht.generate_pusht_episode(3, T=12, noise=0)
-    assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
-    # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
-    assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
-    sim = pusht.PushT(seed=3)
-    assert np.array_equal(sim.render(), ep['frames'][0])
-    for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
-        assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
-    # set_state(get_state()) resumes the trajectory (the oracle planner relies on it)
-    s, after = sim.get_state(), [sim.step(a) for a in ep['actions'][:3]]
-    sim.set_state(s)
-    assert max(np.abs(sim.step(a).astype(int) - f).mean() for a, f in zip(ep['actions'][:3], after)) < 0.5
-    # the CLI writes the same episodes; data.py itself does not import gym_pusht
-    r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
-    assert r.returncode == 0, r.stderr[-3000:]
-    with np.load(tmp_path / 'ep_000001.npz') as z:
-        assert np.array_equal(z['frames'], pusht.generate_pusht_episode(1, T=6)['frames'])
-    code = 'import sys, data; assert "gym_pusht" not in sys.modules and "pymunk" not in sys.modules'
-    assert subprocess.run([sys.executable, '-c', code], cwd=HERE).returncode == 0
-
-
-@needs_pusht
-def test_pusht_task_goal_is_the_envs_goal_pose():
-    task = plan.pusht_task(0, res=16)
-    assert task.goal.shape == (16, 16, 3)
-    assert 0.3 < task.result()['coverage'] < 0.8 and not task.result()['success']
-    sim = pusht.PushT()
-    sim.reset(state=[100, 100, *sim.env.goal_pose])  # reset_to_state, corrected for the T's centre of gravity
-    assert sim.coverage() > 0.999 and sim.success()
-
-
-def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
-    tasks = 'reach,push,pusht' if HAVE_PUSHT else 'reach,push'
-    r = run('plan.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', f'--tasks={tasks}', '--n_tasks=1',
-            '--n_samples=8', '--horizon=4', '--exec_steps=2', '--max_steps=4', '--sample_steps=2',
-            '--adapter_steps=20', '--adapter_episodes=3', '--n_gifs=1', '--device=cpu')
-    assert r.returncode == 0, r.stderr[-3000:]
-    out = json.loads(r.stdout.strip().splitlines()[-1])
-    for family in tasks.split(','):
-        for name in ('ours', 'random', 'oracle'):
-            assert 0 <= out[f'{family}_{name}_success'] <= 1
-        assert out[f'{family}_ours_s_per_plan'] > 0
-    assert 'pusht_ours_coverage' in out or 'pusht' not in tasks
-    assert len(out['gifs']) == len(tasks.split(','))
-    gif = iio.imread(out['gifs'][0])  # observed | predicted | goal, start + 4 steps, scale 2, 1-pixel gaps
-    assert gif.shape == (5, 2 * 16, 2 * (3 * 16 + 2), 3)
-    bad = run('plan.py', f'--ckpt={tiny_ckpt}', '--tasks=fly')
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
-
-
-# ----------------------------------------------------------------------------------------------------
-# experiments.py: the whole runner at toy size, then its resume
-
-def test_experiments_runner_writes_results_and_resumes(tmp_path):
-    res_dir, runs_dir = tmp_path / 'results', tmp_path / 'runs'
-    cmd = [sys.executable, os.path.join(HERE, 'experiments.py'), '--envs=sim', '--seeds=0,1',
-           '--schedules=init,cola,two_stage', '--budget=7', '--warmup=2', '--pretrain_steps=2', '--res=16',
-           '--train_args=' + ' '.join(TINY_TRAIN[1:14]), '--eval_args=' + ' '.join(FAST + ['--adapter_steps=5',
-           '--n_episodes=4']), '--plan_args=--n_tasks=1 --max_steps=2 --horizon=2 --exec_steps=1 --n_samples=4',
-           '--workers=2', f'--runs_dir={runs_dir}', f'--out_dir={res_dir}']
-    env = {**os.environ, 'COLA_DATA': str(tmp_path / 'cache')}
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    runs = {f: json.load(open(res_dir / 'sim' / f)) for f in ('cola_s0.json', 'cola_s1.json', 'two_stage_s0.json')}
-    cola_run = runs['cola_s0.json']
-    assert [c['phase'] for c in cola_run['curves']] == ['warmup'] * 2 + ['joint'] * 5
-    assert 'eval_warmup' in cola_run and 'eval_warmup' not in runs['two_stage_s0.json']
-    assert cola_run['eval']['probe_r2'] <= 1 and 0 <= cola_run['plan']['reach_ours_success'] <= 1
-    assert runs['cola_s0.json']['curves'] != runs['cola_s1.json']['curves']  # seeds differ
-    table = open(res_dir / 'results.md').read()
-    assert '| cola | warm-up 2 + joint 5 | 2 |' in table and '| two_stage | LAM 3 + WM 4, VQ | 2 |' in table  # TINY_TRAIN sets --quantizer=vq
-    assert '| init | none: the pretrained WM, a random IDM | 2 |' in table
-    init = json.load(open(res_dir / 'sim' / 'init_s1.json'))
-    assert init['curves'] == [] and math.isfinite(init['eval']['psnr_gain_over_null'])  # measured, never trained
-    assert torch.equal(torch.load(runs_dir / 'sim' / 'init_s1' / 'ckpt.pt', weights_only=False)['wm']['pos_time'],
-                       torch.load(runs_dir / 'sim' / 'pretrain' / 'ckpt.pt', weights_only=False)['wm']['pos_time'])
-    if importlib.util.find_spec('matplotlib'):
-        assert (res_dir / 'sim_codebook.png').stat().st_size > 0 and (res_dir / 'sim_grads.png').exists()
-    # resume: finished runs are skipped; a run whose JSON is gone is redone from its checkpoint, same figures
-    os.remove(res_dir / 'sim' / 'cola_s1.json')
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count(': skipped') == 5 and 'sim cola seed 1: done' in r.stdout
-    again = json.load(open(res_dir / 'sim' / 'cola_s1.json'))
-    figures = lambda e: {k: v for k, v in e.items() if k != 'wall_s'}
-    assert figures(again['eval']) == figures(runs['cola_s1.json']['eval']) and again['curves'] == runs['cola_s1.json']['curves']
-
-
-# ----------------------------------------------------------------------------------------------------
-# LeRobot datasets (lerobot.py): simulator episodes written in both layouts, read back, trained on
+# lerobot.py: simulator episodes written in both layouts, read back, trained on
 
 def _psnr(a, b):
     return 10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b) ** 2), 1e-10))
@@ -978,7 +517,7 @@ def lerobot_sets(tmp_path_factory):
     pytest.importorskip('av')
     pytest.importorskip('pyarrow')
     import lerobot
-    eps = [data.generate_episode(data._episode_seed(7, i), 10 + i % 3, 32) for i in range(9)]
+    eps = [generate_episode(data.episode_seed(7, i), 10 + i % 3, 32) for i in range(9)]
     root = tmp_path_factory.mktemp('lerobot')
     v30, v21 = str(root / 'v30'), str(root / 'v21')
     codec = lerobot.write_dataset(v30, iter(eps), episodes_per_file=2)
@@ -1071,3 +610,544 @@ def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
     monkeypatch.setattr(lerobot.importlib, 'import_module', lambda name: (_ for _ in ()).throw(ImportError(name)))
     with pytest.raises(ValueError, match='requirements-lerobot.txt'):
         lerobot.Source(v30)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pusht.py
+
+@needs_pusht
+def test_pusht_recording_aligns_frames_and_actions(tmp_path):
+    ep = pusht.generate_pusht_episode(3, T=12, noise=0)
+    assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
+    # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
+    assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
+    sim = pusht.PushT(seed=3)
+    assert np.array_equal(sim.render(), ep['frames'][0])
+    for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
+        assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
+    # set_state(get_state()) resumes the trajectory (the oracle planner relies on it)
+    s, after = sim.get_state(), [sim.step(a) for a in ep['actions'][:3]]
+    sim.set_state(s)
+    assert max(np.abs(sim.step(a).astype(int) - f).mean() for a, f in zip(ep['actions'][:3], after)) < 0.5
+    # the CLI writes the same episodes; data.py itself does not import gym_pusht
+    r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(tmp_path / 'ep_000001.npz') as z:
+        assert np.array_equal(z['frames'], pusht.generate_pusht_episode(1, T=6)['frames'])
+    code = 'import sys, data; assert "gym_pusht" not in sys.modules and "pymunk" not in sys.modules'
+    assert subprocess.run([sys.executable, '-c', code], cwd=HERE).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# train.py, run as users run it: tiny shapes, a few steps
+
+TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
+              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
+              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    return data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=6, T=12, res=16)
+
+
+def run(program, *flags, torchrun=0):
+    """Run one of the programs as users do (under torchrun with that many processes); CompletedProcess."""
+    # --standalone: torchrun picks a free port, so back-to-back runs never collide on the default one
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
+    launcher = launcher if torchrun else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(HERE, program), *flags], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def train(out, *flags, data_dir=None, check=True, torchrun=0):
+    """train.py with tiny settings; asserts success unless check=False."""
+    r = run('train.py', f'--out_dir={out}', *TINY_TRAIN, *flags, *([f'--data={data_dir}'] if data_dir else []),
+            torchrun=torchrun)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+@pytest.fixture(scope='module')
+def pretrained(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('pre'))
+    train(out, '--mode=pretrain', '--pretrain_steps=3', data_dir=tiny_data)
+    return out
+
+
+def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path):
+    out = str(tmp_path)
+    train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=0', data_dir=tiny_data)
+    pre, warm = ckpt(pretrained), ckpt(out)
+    assert warm['phase'] == 'warmup' and warm['step'] == 3
+    assert same(warm['wm'], pre['wm']), "warm-up changed the world model"
+    torch.manual_seed(0)
+    fresh = {k: m.state_dict() for k, m in cola.build(warm['config']).items()}
+    assert same(fresh['lam'], pre['lam']) and same(fresh['action'], pre['action'])  # the start we compare to
+    assert not same(warm['lam'], fresh['lam']) and not same(warm['action'], fresh['action'])
+    for rec in log_of(out):
+        assert rec['phase'] == 'warmup' and rec['grad_wm'] == 0
+        assert rec['grad_lam'] > 0 and rec['grad_action'] > 0 and 0 < rec['code_util'] <= 1
+    train(out, '--resume', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=2',
+          data_dir=tiny_data)
+    joint = ckpt(out)
+    assert joint['phase'] == 'joint' and joint['step'] == 5
+    for k in ('wm', 'action', 'lam'):
+        assert not same(joint[k], warm[k]), f"joint training left {k} unchanged"
+    assert all(r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'joint')
+    # soft-to-hard: p_relax falls 1 -> 0 over relax_anneal (0.9) of the LAM's steps: 3 in the first run, 5 after
+    # the resume, which continues the count at step 3
+    want = [1 - i / 2.7 for i in range(3)] + [1 - i / 4.5 for i in range(3, 5)]
+    assert [r['p_relax'] for r in log_of(out)] == pytest.approx(want)
+
+
+def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
+    out = str(tmp_path)
+    train(out, '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2', '--wm_steps=0',
+          data_dir=tiny_data)
+    stage1 = ckpt(out)
+    assert same(stage1['wm'], ckpt(pretrained)['wm']) and any(k.startswith('decoder.') for k in stage1['lam'])
+    assert all('recon' in r and r['phase'] == 'lam' for r in log_of(out))
+    train(out, '--resume', '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2',
+          '--wm_steps=2', data_dir=tiny_data)
+    stage2 = ckpt(out)
+    assert stage2['phase'] == 'wm' and same(stage2['lam'], stage1['lam'])
+    assert not same(stage2['wm'], stage1['wm']) and not same(stage2['action'], stage1['action'])
+    assert all(r['grad_lam'] == 0 for r in log_of(out) if r['phase'] == 'wm')
+
+
+def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_path):
+    """The paper's Fig. 4b control: warm-up as in CoLA, then the LAM stays frozen while the WM trains."""
+    out, flags = str(tmp_path), ['--mode=frozen_lam', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=2']
+    train(out, *flags, '--joint_steps=0', data_dir=tiny_data)
+    warm = ckpt(out)
+    assert warm['phase'] == 'warmup' and same(warm['wm'], ckpt(pretrained)['wm'])
+    train(out, '--resume', *flags, '--joint_steps=2', data_dir=tiny_data)
+    final = ckpt(out)
+    assert final['phase'] == 'wm' and final['step'] == 4 and same(final['lam'], warm['lam'])
+    assert not same(final['wm'], warm['wm']) and not same(final['action'], warm['action'])
+    assert [r['phase'] for r in log_of(out)] == ['warmup'] * 2 + ['wm'] * 2
+    assert all(r['grad_lam'] == 0 and r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'wm')
+
+
+def test_actions_mode_trains_the_world_model_on_real_actions_with_ema(tiny_data, pretrained, tmp_path):
+    """--mode=actions: the WM and action encoder learn from the real actions at actions_lr, the LAM is never
+    touched; with ema_decay the checkpoint's ema_wm is the running average of the WM's weights."""
+    out = str(tmp_path)
+    train(out, '--mode=actions', f'--init_from={pretrained}/ckpt.pt', '--actions_steps=1', '--ema_decay=0.5',
+          '--actions_lr=3e-3', data_dir=tiny_data)
+    pre, act = ckpt(pretrained), ckpt(out)
+    torch.manual_seed(0)
+    fresh = cola.build(act['config'])['lam'].state_dict()
+    assert act['phase'] == 'wm' and same(act['lam'], fresh) and not same(act['wm'], pre['wm'])
+    assert [(r['lr'], r['grad_lam']) for r in log_of(out)] == [(3e-3, 0)] and log_of(out)[0]['grad_action'] > 0
+    for k, v in act['ema_wm'].items():  # one step at decay 0.5: halfway between the start and the trained weights
+        assert torch.allclose(v, 0.5 * (pre['wm'][k] + act['wm'][k]), atol=1e-7), k
+
+
+def test_dataclass_defaults_are_the_default_run():
+    """One source per default: WMConfig() and LAMConfig() are the models `python train.py` builds (its settings
+    under the cpu preset), and the cpu preset is the dataclasses' sizes."""
+    settings = {}
+    for node in ast.parse(open(os.path.join(HERE, 'train.py')).read()).body:
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name) and node.targets[0].id == 'config':
+            break  # the settings end where the configurator runs
+        if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            settings[node.targets[0].id] = ast.literal_eval(node.value)
+    assert settings['preset'] == 'cpu' and cola.model_configs(settings) == (WMConfig(), LAMConfig())
+    assert all(getattr(WMConfig(), k) == v for k, v in PRESETS['cpu'].items())
+
+
+def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
+    """An uninterrupted run and one stopped by SIGTERM then resumed log identical losses (CPU, same seed)."""
+    import signal
+    import time
+    flags = ['--pretrain_steps=150', '--warmup_steps=100', '--joint_steps=100', '--eval_clips=0']
+    ref = str(tmp_path / 'ref')
+    train(ref, *flags, data_dir=tiny_data)
+    out = str(tmp_path / 'cut')
+    cmd = [sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out}', f'--data={tiny_data}'] + TINY_TRAIN + flags
+    p = subprocess.Popen(cmd, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    log = os.path.join(out, 'log.jsonl')
+    while p.poll() is None and not (os.path.exists(log) and len(open(log).readlines()) >= 120):
+        time.sleep(0.02)
+    p.send_signal(signal.SIGTERM)
+    stdout, _ = p.communicate()
+    assert p.returncode == 0 and 'stopped by signal' in stdout
+    cut = ckpt(out)
+    assert 120 <= cut['step'] < 350, "the signal did not land inside training"
+    train(out, '--resume', *flags, data_dir=tiny_data)
+    a, b = log_of(ref), log_of(out)
+    assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in b]
+
+
+def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
+    out = str(tmp_path)
+    # gradient accumulation syncs the ranks' gradients on the last micro-batch only: their weights must agree
+    train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=2', '--grad_accum=2', data_dir=tiny_data,
+          torchrun=2)
+    ranks = ckpt(out)['ranks']
+    assert len(ranks) == 2 and ranks[0]['fingerprint'] == ranks[1]['fingerprint'], "ranks' weights differ"
+    assert ranks[0]['sampler'] != ranks[1]['sampler']  # each rank draws its own clips
+    assert [r['step'] for r in log_of(out)] == list(range(1, 7))  # one record per optimizer step, not per micro-batch
+
+
+def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
+    cases = [(['--bogus=1'], 'unknown flag --bogus'),
+             (['--data=/no/such/dir'], 'no such folder'),
+             ([f'--data={tmp_path}'], 'empty dataset'),
+             ([f'--data={tiny_data}', '--n_frames=13'], 'has 13 frames'),
+             ([f'--data={tiny_data}', '--width=64', f'--init_from={pretrained}/ckpt.pt'], 'incompatible config')]
+    for flags, msg in cases:
+        r = train(str(tmp_path / 'o'), *flags, check=False)
+        assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])
+        assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
+    """--init_from loads `wm` alone, so another quantizer may start from the same pretrained world model."""
+    train(str(tmp_path), f'--init_from={pretrained}/ckpt.pt', '--quantizer=fsq', '--fsq_levels=(4, 2)',
+          '--warmup_steps=1', '--joint_steps=0', data_dir=tiny_data)
+    assert same(ckpt(str(tmp_path))['wm'], ckpt(pretrained)['wm'])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):
+    out = str(tmp_path)
+    r = train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=20', '--joint_steps=0', '--lr=1e30',
+              '--grad_clip=1e30', '--lr_warmup=0', '--ckpt_interval=1', data_dir=tiny_data, check=False)
+    assert r.returncode == 1 and 'non-finite loss' in r.stderr
+    last = ckpt(out)
+    assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# cola.py: the measurements the programs share
+
+def test_probe_recovers_linear_map_and_not_noise():
+    g = torch.Generator().manual_seed(0)
+    actions = torch.rand(3000, 2, generator=g) * 2 - 1
+    latents = (actions @ torch.randn(2, 16, generator=g) + 0.5).view(-1, 2, 8)  # a known linear map, (N, n_tok, d)
+    fit = cola.ridge_probe(latents[:2000], actions[:2000], latents[2000:], actions[2000:])
+    assert fit['r2'] > 0.999 and fit['l1'] < 0.01 < fit['l1_mean']
+    noise = torch.randn(3000, 2, 8, generator=g)
+    fit = cola.ridge_probe(noise[:2000], actions[:2000], noise[2000:], actions[2000:])
+    assert abs(fit['r2']) < 0.05 and fit['l1'] == pytest.approx(fit['l1_mean'], rel=0.05)
+    constant = torch.ones(3000, 2, 8)  # a collapsed codebook: the probe predicts the mean, no blow-up
+    fit = cola.ridge_probe(constant[:2000], actions[:2000], constant[2000:] + 1, actions[2000:])
+    assert fit['l1'] == pytest.approx(fit['l1_mean'], abs=1e-6)
+
+
+def test_probes_tell_linear_from_nonlinear_codes():
+    """eval.py's fair probes on latents with a known map: FSQ-like grid coordinates that are a non-monotone
+    function of the action defeat the linear probe but not the MLP or one-hot probes; per-dim R² is per dim."""
+    g = torch.Generator().manual_seed(0)
+    actions = torch.rand(3000, 2, generator=g) * 2 - 1
+    bins = ((actions + 1) * 4).long().clamp(max=7)  # 8 bins per dim: code = 8 * bin_x + bin_y, a known lookup
+    codes = bins[:, 0] * 8 + bins[:, 1]
+    scramble = torch.randperm(8, generator=g)  # grid coordinates in a scrambled order: not linear in the action
+    grid = scramble[bins].float()[:, None, :]  # (N, n_tok=1, 2), like FSQ's rounded coordinates
+    tr, te = slice(0, 2000), slice(2000, None)
+    linear = cola.ridge_probe(grid[tr], actions[tr], grid[te], actions[te])
+    mlp = cola.mlp_probe(grid[tr], actions[tr], grid[te], actions[te])
+    onehot = F.one_hot(codes, 64).float()
+    hot = cola.ridge_probe(onehot[tr], actions[tr], onehot[te], actions[te])
+    assert linear['r2'] < 0.5 and mlp['r2'] > 0.9 and hot['r2'] > 0.9  # 8 bins: R² of binning is 1 - 1/64
+    assert len(mlp['r2_per_dim']) == 2 and mlp['r2'] == pytest.approx(sum(mlp['r2_per_dim']) / 2)
+    half = torch.cat([actions[:, :1], torch.randn(3000, 1, generator=g)], 1)[:, None]  # only dim 0 is encoded
+    fit = cola.ridge_probe(half[tr], actions[tr], half[te], actions[te])
+    assert fit['r2_per_dim'][0] > 0.99 and abs(fit['r2_per_dim'][1]) < 0.05
+
+
+def test_ssim_matches_scikit_image():
+    from skimage.metrics import structural_similarity
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 2, 3, 24, 20, generator=g) * 2 - 1
+    b = (a + 0.4 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
+    b[0, 0] = a[0, 0] * 0.5 + 0.2  # a contrast/brightness change as well as noise
+    ours = cola.ssim(a, b)
+    for i in range(2):
+        for t in range(2):
+            ref = structural_similarity(a[i, t].permute(1, 2, 0).double().numpy(), b[i, t].permute(1, 2, 0).double().numpy(),
+                                        data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                        use_sample_covariance=False, channel_axis=2)
+            assert abs(ours[i, t].item() - ref) < 1e-3
+
+
+def test_identical_clips_score_finite():
+    a = torch.rand(2, 3, 3, 16, 16) * 2 - 1
+    assert torch.equal(cola.psnr(a, a), torch.full((2, 3), 100.0))  # the cap, not inf
+    assert torch.allclose(cola.ssim(a, a), torch.ones(2, 3))
+    p, s = cola.scores(a, a, 1)
+    assert all(math.isfinite(x) for x in p + s) and len(p) == 2
+
+
+def test_latent_actions_window_like_the_idm():
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, quantizer='vq', codebook_size=8, max_frames=4)).eval()
+    clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
+    out = cola.latent_actions(lam, clips)
+    assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
+    with torch.no_grad():  # windows of 4 frames sharing a frame: transitions 0-2, 3-5, 6-7
+        want = torch.cat([lam(clips[:, s:s + 4])['z'] for s in (0, 3, 6)], 1)
+    assert torch.allclose(out['z'], want, atol=1e-6)
+
+
+def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
+    g = torch.Generator().manual_seed(0)
+    actions = torch.rand(500, 2, generator=g) * 2 - 1
+    z_e = torch.tanh(actions @ torch.randn(2, 16, generator=g)).view(-1, 2, 8)  # (N, n_tok, d)
+    adapter, losses = cola.train_adapter(actions, z_e, steps=200)
+    assert losses[-1] < 0.1 * losses[0]
+    with torch.inference_mode():
+        z, codes, _ = VQ(8, 8)(adapter(actions))
+    assert z.shape == (500, 2, 8) and codes.min() >= 0 and codes.max() < 8
+
+
+# ----------------------------------------------------------------------------------------------------
+# state_probe.py
+
+def test_state_probe_readout_finds_objects_in_any_order():
+    states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
+    heat = state_probe.object_maps(states, 8, 32)  # what a perfect probe draws
+    d = state_probe.object_distances(heat, states)
+    assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
+    swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
+    assert state_probe.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
+    moved = states.clone()
+    moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
+    moved[0, 4:6] = 0
+    d = state_probe.object_distances(state_probe.object_maps(moved, 8, 32), states)
+    assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
+    assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
+
+
+def test_state_probe_learns_positions_and_is_cached(tmp_path):
+    """The probe fits object positions on its training frames (its held-out error on the built-in data is in
+    the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
+    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
+    sampler = data.ClipSampler(d, 4, 'val')
+    probe = state_probe.load_state_probe(sampler, steps=400)
+    assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
+    eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
+    frames = cola.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
+    states = torch.from_numpy(np.stack([e['states'] for e in eps]))
+    err = state_probe.state_errors(probe, frames, states)
+    mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
+    assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
+    again = state_probe.state_errors(state_probe.load_state_probe(sampler), frames, states)  # loaded from the cache
+    assert torch.equal(again['agent'], err['agent'])
+
+
+# ----------------------------------------------------------------------------------------------------
+# eval.py and sample.py
+
+FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A tiny CoLA checkpoint (pretrain -> warm-up -> joint, a few steps) trained on 8 simulator episodes."""
+    d = data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=8, T=12, res=16)
+    out = str(tmp_path_factory.mktemp('ck'))
+    train(out, '--pretrain_steps=3', '--warmup_steps=3', '--joint_steps=2', '--eval_clips=0', data_dir=d)
+    return os.path.join(out, 'ckpt.pt')
+
+
+def test_eval_json_and_determinism(tiny_ckpt):
+    flags = [f'--ckpt={tiny_ckpt}', *FAST, '--adapter_steps=30', '--adapter_episodes=3']
+    runs = [run('eval.py', *flags) for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:]
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
+    for prefix in ('', 'null_', 'copy_', 'adapter_'):
+        for k in ('psnr', 'ssim'):
+            assert math.isfinite(a[prefix + k]) and len(a[f'{prefix}{k}_per_step']) == 6
+    for k in ('psnr_gain_over_null', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
+              'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss',
+              'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):
+        assert math.isfinite(a[k]), k
+    for p in ('', 'adapter_', 'null_', 'copy_'):  # the state probe's position errors, per step
+        for obj in ('agent', 'blocks'):
+            assert math.isfinite(a[f'{p}state_err_{obj}']) and len(a[f'{p}state_err_{obj}_per_step']) == 6
+    assert a['state_floor_agent'] >= 0 and a['state_floor_blocks'] >= 0
+    for k in ('probe_r2', 'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):  # 2-d actions: two R² each
+        assert len(a[k + '_per_dim']) == 2 and a[k] == pytest.approx(sum(a[k + '_per_dim']) / 2, abs=1e-3), k
+    assert not any('lpips' in k or 'fvd' in k for k in a)
+    a.pop('wall_s'), b.pop('wall_s')
+    assert a == b  # the same --seed gives the same figures
+
+
+def test_sample_writes_gifs(tiny_ckpt, tmp_path):
+    r = run('sample.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', *FAST, '--n_clips=3', '--tour_steps=3')
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert len(res['psnr_per_step']) == 6 and math.isfinite(res['psnr']) and len(res['gifs']) == 5
+    # scale 2; 16-pixel frames with 1-pixel gaps; a 3-pixel time bar under them
+    rollout = iio.imread(tmp_path / 'rollout_0.gif')  # truth | generated | difference, 2 + 6 frames
+    assert rollout.shape == (8, 2 * (16 + 3), 2 * (3 * 17 - 1), 3)
+    transfer = iio.imread(tmp_path / 'transfer.gif')  # 3 clips x 3 panels
+    assert transfer.shape == (8, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
+    tour = iio.imread(tmp_path / 'codebook.gif')  # 8 codes in a 3 x 3 grid, 2 + 3 frames
+    assert tour.shape == (5, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
+
+
+def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
+    """A --mode=actions checkpoint: eval.py rolls it out with the clips' real actions, and sample.py does the
+    same (same clips, same noise: the same PSNR), not with its untrained LAM."""
+    out = str(tmp_path / 'act')
+    train(out, '--mode=actions', '--actions_steps=4', data_dir=tiny_data)
+    flags = [f'--ckpt={out}/ckpt.pt', *FAST]
+    e, s = run('eval.py', *flags), run('sample.py', *flags, f'--out_dir={tmp_path}')
+    assert e.returncode == 0 and s.returncode == 0, e.stderr[-2000:] + s.stderr[-2000:]
+    ev, sa = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (e, s))
+    assert ev['mode'] == 'actions' and 'probe_r2' not in ev and 'adapter_psnr' not in ev
+    assert 'driven by the real actions' in s.stdout and sa['psnr'] == pytest.approx(ev['psnr'], abs=1e-3)
+    with torch.no_grad():  # and a different action sequence gives a different rollout: the actions are used
+        models, _ = cola.load_models(f'{out}/ckpt.pt')
+        clips = torch.rand(2, 5, 3, 16, 16) * 2 - 1
+        a = torch.rand(2, 4, 2) * 2 - 1
+        z = lambda acts: cola.real_latents(acts, models['lam'].cfg)
+        assert not torch.equal(cola.simulate(models, clips, z(a)), cola.simulate(models, clips, z(-a)))
+
+
+@pytest.mark.parametrize('program', ['sample.py', 'eval.py'])
+def test_bad_checkpoint_is_one_line_error(program, tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'not a checkpoint')
+    for path in (tmp_path / 'missing.pt', bad):
+        r = run(program, f'--ckpt={path}')
+        assert r.returncode == 2 and str(path) in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# plan.py
+
+def test_planning_tasks_are_reachable():
+    for family in ('reach', 'push'):
+        for seed in range(3):
+            task = plan.make_task(family, seed, horizon=20, res=32)
+            args = (task['goal_state'], task['n_blocks'])
+            assert plan.task_success(family, task['goal_state'], *args)
+            assert not plan.task_success(family, task['start_state'], *args)
+            sim = PushSim(32, task['episode_seed'])  # replaying the plan reaches the goal frame
+            for a in task['actions']:
+                frame = sim.step(a)
+            assert np.array_equal(frame, task['goal_frame'])
+    batch = np.stack([task['start_state'], task['goal_state']])
+    assert plan.task_success('push', batch, task['goal_state'], task['n_blocks']).tolist() == [False, True]
+
+
+@pytest.mark.parametrize('method', ['mppi', 'cem'])
+def test_planner_finds_minimum_of_quadratic(method):
+    target = torch.tensor([[0.5, -0.3], [-0.7, 0.2], [0.1, 0.9]])  # (H, A), inside [-1, 1]
+    cost = lambda a: ((a - target).square().sum((1, 2)), a)
+    p = plan.Planner(method, 3, 2, n_samples=100, n_iters=30, std=0.3, smoothing=0.0, seed=0)
+    mean, best = p.plan(cost)
+    # MPPI keeps its noise level, so its mean stays within ~std / sqrt(effective samples) of the minimum
+    assert (mean - target).abs().max() < (0.1 if method == 'mppi' else 0.02), mean
+    assert cost(mean[None])[0] < 0.02 * cost(torch.zeros(1, 3, 2))[0] and cost(best[None])[0] < 0.05
+    p.shift(1)  # warm start: the rest of the plan, then zeros
+    assert torch.equal(p.mean, torch.cat([mean[1:], torch.zeros(1, 2)]))
+
+
+def test_planner_with_the_simulator_as_model_solves_reach():
+    """The oracle: the same MPC loop with PushSim itself as the model reaches the goal of reach tasks."""
+    solved, moved = [], []
+    for k in range(4):
+        task = plan.sim_task('reach', k, res=32, task_horizon=8)
+        start = task.result()['dist']
+        p = plan.Planner('mppi', 8, 2, n_samples=32, seed=k)
+        r, obs, pred, times = plan.run_episode(task, p, lambda o, d, g: plan.simulator_cost(task.sim, g), 16, 4, 2)
+        solved.append(r['success'])
+        moved.append(r['dist'] < start)
+        assert len(obs) == len(pred) == 17 and len(times) == 4  # start + 16 steps; a plan every 4 steps
+    assert sum(solved) >= 3 and all(moved), (solved, moved)
+
+
+@needs_pusht
+def test_pusht_task_goal_is_the_envs_goal_pose():
+    task = plan.pusht_task(0, res=16)
+    assert task.goal.shape == (16, 16, 3)
+    assert 0.3 < task.result()['coverage'] < 0.8 and not task.result()['success']
+    sim = pusht.PushT()
+    sim.reset(state=[100, 100, *sim.env.goal_pose])  # reset_to_state, corrected for the T's centre of gravity
+    assert sim.coverage() > 0.999 and sim.success()
+
+
+def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
+    tasks = 'reach,push,pusht' if HAVE_PUSHT else 'reach,push'
+    r = run('plan.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', f'--tasks={tasks}', '--n_tasks=1',
+            '--n_samples=8', '--horizon=4', '--exec_steps=2', '--max_steps=4', '--sample_steps=2',
+            '--adapter_steps=20', '--adapter_episodes=3', '--n_gifs=1', '--device=cpu')
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for family in tasks.split(','):
+        for name in ('ours', 'random', 'oracle'):  # one task: solved or not
+            assert out[f'{family}_{name}_success'] in (0.0, 1.0)
+        assert out[f'{family}_ours_s_per_plan'] > 0
+    assert 'pusht_ours_coverage' in out or 'pusht' not in tasks
+    assert len(out['gifs']) == len(tasks.split(','))
+    gif = iio.imread(out['gifs'][0])  # observed | predicted | goal, start + 4 steps, scale 2, 1-pixel gaps
+    assert gif.shape == (5, 2 * 16, 2 * (3 * 16 + 2), 3)
+    bad = run('plan.py', f'--ckpt={tiny_ckpt}', '--tasks=fly')
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# experiments.py: the whole runner at toy size, then its resume
+
+def test_experiments_runner_writes_results_and_resumes(tmp_path):
+    res_dir, runs_dir = tmp_path / 'results', tmp_path / 'runs'
+    cmd = [sys.executable, os.path.join(HERE, 'experiments.py'), '--envs=sim', '--seeds=0,1',
+           '--schedules=init,cola,two_stage', '--budget=7', '--warmup=2', '--pretrain_steps=2', '--res=16',
+           '--train_args=' + ' '.join(TINY_TRAIN[1:14]), '--eval_args=' + ' '.join(FAST + ['--adapter_steps=5',
+           '--n_episodes=4']), '--plan_args=--n_tasks=1 --max_steps=2 --horizon=2 --exec_steps=1 --n_samples=4',
+           '--workers=2', f'--runs_dir={runs_dir}', f'--out_dir={res_dir}']
+    env = {**os.environ, 'COLA_DATA': str(tmp_path / 'cache')}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = {f: json.load(open(res_dir / 'sim' / f)) for f in ('cola_s0.json', 'cola_s1.json', 'two_stage_s0.json')}
+    cola_run = runs['cola_s0.json']
+    assert [c['phase'] for c in cola_run['curves']] == ['warmup'] * 2 + ['joint'] * 5
+    assert 'eval_warmup' in cola_run and 'eval_warmup' not in runs['two_stage_s0.json']
+    assert len(cola_run['eval']['probe_r2_per_dim']) == 2 and cola_run['plan']['reach_ours_success'] in (0.0, 1.0)
+    assert runs['cola_s0.json']['curves'] != runs['cola_s1.json']['curves']  # seeds differ
+    table = open(res_dir / 'results.md').read()
+    assert '| cola | warm-up 2 + joint 5 | 2 |' in table and '| two_stage | LAM 3 + WM 4, VQ | 2 |' in table  # TINY_TRAIN sets --quantizer=vq
+    assert '| init | none: the pretrained WM, a random IDM | 2 |' in table
+    init = json.load(open(res_dir / 'sim' / 'init_s1.json'))
+    assert init['curves'] == [] and math.isfinite(init['eval']['psnr_gain_over_null'])  # measured, never trained
+    assert torch.equal(torch.load(runs_dir / 'sim' / 'init_s1' / 'ckpt.pt', weights_only=False)['wm']['pos_time'],
+                       torch.load(runs_dir / 'sim' / 'pretrain' / 'ckpt.pt', weights_only=False)['wm']['pos_time'])
+    if importlib.util.find_spec('matplotlib'):
+        assert (res_dir / 'sim_codebook.png').stat().st_size > 0 and (res_dir / 'sim_grads.png').exists()
+    # resume: finished runs are skipped; a run whose JSON is gone is redone from its checkpoint, same figures
+    os.remove(res_dir / 'sim' / 'cola_s1.json')
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count(': skipped') == 5 and 'sim cola seed 1: done' in r.stdout
+    again = json.load(open(res_dir / 'sim' / 'cola_s1.json'))
+    figures = lambda e: {k: v for k, v in e.items() if k != 'wall_s'}
+    assert figures(again['eval']) == figures(runs['cola_s1.json']['eval']) and again['curves'] == runs['cola_s1.json']['curves']
+
+
+# ----------------------------------------------------------------------------------------------------
+# configurator.py
+
+def test_tuple_settings_take_comma_lists():
+    from configurator import parse_value
+    assert parse_value('presets', 'base', ('cpu', 'base')) == ('base',)
+    assert parse_value('presets', 'cpu, base', ('cpu', 'base')) == ('cpu', 'base')
+    assert parse_value('fsq_levels', '8,4', (8, 4)) == (8, 4) and parse_value('fsq_levels', '5', (8, 4)) == (5,)

@@ -35,14 +35,13 @@ from tqdm import tqdm
 import cola
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
-from lam import code_stats, random_crop
-from world_model import flow_loss
+from lam import code_stats
+from world_model import flow_loss, own_context
 
 # ----------------------------------------------------------------------------------------------------
 # settings
 out_dir = 'out'
 data = ''               # folder of .npz episodes, videos, or prepared shards; '' = built-in simulator
-world = 'big'           # built-in simulator: 'big' (the default demo) or 'small' (harder), data.WORLDS
 policy = 'explore'      # built-in simulator: 'explore' (smooth motion and pushes) or 'random' (i.i.d. moves)
 skip_bad = False        # skip unreadable data files with a warning instead of stopping
 camera = ''             # LeRobot --data: the camera (video feature in meta/info.json); '' = the first
@@ -68,33 +67,28 @@ depth = None
 n_heads = None
 act_width = None
 act_depth = None
-t_shift = None          # flow-time shift towards noise (world_model.shift_t), in training and sampling
-rope = None             # rotary (relative) positions in the world model's spatial attention
 n_context = 2           # clean context frames of each clip
 n_action_tokens = 2
 action_dim = 32
 quantizer = 'fsq'       # 'fsq' | 'vq' | 'none'; through the world model only FSQ (and 'none') learned (README)
 codebook_size = 32
 fsq_levels = (8, 4)
-dead_code_restart = True  # VQ: unused entries move onto encoder outputs; the log counts them (code_restarts)
-quant_anneal = 0.9      # soft-to-hard quantization over this fraction of the LAM's training steps (lam.LAM.forward)
+relax_anneal = 0.9      # soft-to-hard quantization: p_relax falls 1 -> 0 over this fraction of the LAM's steps (lam.LAM.forward)
 idm_keypoints = 16      # the IDM reads the move from K keypoints' displacements (0 = the difference pooling alone)
 idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: README)
-crop_min = 1.0          # random-crop augmentation while the LAM trains (1.0 = off; README)
-dec_depth = 2           # blocks of the two-stage decoder (built in two_stage mode only)
+dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_stage only: cola.model_configs)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
-codebook_weight = 1.0
-commit_weight = 0.25
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
-lr = None               # peak learning rate; None: 2e-3 in --mode=actions (measured best there), else 1e-3
+lr = 1e-3               # peak learning rate
+actions_lr = 2e-3       # peak learning rate of --mode=actions (measured best there: NOTES.md)
 min_lr = 1e-4
 lr_warmup = 50          # linear LR warm-up steps at the start of every phase
-lr_schedule = 'cosine'  # 'cosine' (to min_lr at the end of the phase) | 'constant'
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
+own_ctx = 0.0           # fraction of WM training clips whose context is the WM's own prediction (own_context)
 # end-of-run summary on held-out episodes
 eval_clips = 16
 eval_len = 12
@@ -121,13 +115,9 @@ SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
              'actions': [('wm', actions_steps)]}
 if mode not in SCHEDULES:
     fail(f"--mode must be one of {', '.join(SCHEDULES)}, got {mode!r}")
-lr = lr or (2e-3 if mode == 'actions' else 1e-3)
-config['lr'] = lr
-if not 0 <= quant_anneal < 1:
-    fail(f"--quant_anneal is a fraction of the LAM's training steps in [0, 1), got {quant_anneal}")
+if not 0 <= relax_anneal < 1:
+    fail(f"--relax_anneal is a fraction of the LAM's training steps in [0, 1), got {relax_anneal}")
 schedule = [(p, n) for p, n in SCHEDULES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
-if mode != 'two_stage':
-    config['dec_depth'] = 0  # the pixel decoder exists only in the baseline
 
 # distributed (torchrun sets RANK) and device
 ddp = 'RANK' in os.environ
@@ -158,10 +148,10 @@ try:
         cola.check_compatible(init, config, init_from, modules=('wm',))
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
-    data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, world, policy, camera, frame_stride)
+    data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, policy, camera, frame_stride)
     if ddp and master:
         dist.barrier()
-    sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
+    sampler = ClipSampler(data_dir, wm_cfg.n_frames + (n_context if own_ctx > 0 else 0), 'train', seed=seed, rank=rank, world_size=n_procs)
     if mode == 'actions':
         cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), models['lam'].cfg)  # checks the sizes
 except (ValueError, FileNotFoundError) as e:
@@ -184,33 +174,35 @@ if start is not None:
         torch.manual_seed(seed + rank + 1000 * step)
 
 
-class Losses(nn.Module):
-    """The three modules in one, so that DDP can wrap them; forward returns the loss of a phase."""
+class TrainingLoss(nn.Module):
+    """The loss of one training step of a phase. It holds the three modules, so that DDP can wrap them."""
 
     def __init__(self, wm, action, lam):
         super().__init__()
         self.wm, self.action, self.lam = wm, action, lam
 
     def forward(self, x, phase, actions=None, p_relax=0.0):
-        """x: (B, T, 3, H, W) in [-1, 1]; actions (B, T-1, A): the real ones, used in --mode=actions only
+        """x: (B, T, 3, H, W) in [-1, 1]; actions (B, T-1, A): the real ones (--mode=actions), else None
         -> dict(loss, its parts, codes)."""
-        if phase == 'pretrain':  # no actions at all: the backbone alone learns video prediction
-            flow = flow_loss(self.wm, None, x)
+        if phase == 'pretrain' or actions is not None:  # the world model alone: no actions, or the real ones
+            flow = self.flow(x, None if actions is None else cola.real_latents(actions, self.lam.cfg))
             return dict(loss=flow, flow=flow)
-        if mode == 'actions':
-            flow = flow_loss(self.wm, self.action, x, cola.real_latents(actions, self.lam.cfg), cond_drop)
-            return dict(loss=flow, flow=flow)
-        if 'lam' in PHASES[phase]:
-            x = random_crop(x, crop_min)  # augment only while the LAM learns; WM/decoder see the same crop
-        with torch.no_grad() if phase == 'wm' else nullcontext():
+        with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
             out = self.lam(x, p_relax)
-        vq = codebook_weight * out['codebook_loss'] + commit_weight * out['commit_loss']
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
             recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
-            return dict(loss=recon + vq, recon=recon, vq=vq, codes=out['codes'])
-        flow = flow_loss(self.wm, self.action, x, out['z'], cond_drop)
-        loss = flow if phase == 'wm' else flow + vq  # in warmup/joint the flow loss is the IDM's only signal
-        return dict(loss=loss, flow=flow, vq=vq, codes=out['codes'])
+            return dict(loss=recon + out['quant_loss'], recon=recon, quant=out['quant_loss'], codes=out['codes'])
+        # warm-up and joint: the flow loss is the IDM's only signal (in the wm phase the quantizer's loss is a
+        # constant: the LAM is frozen)
+        flow = self.flow(x, out['z'])
+        return dict(loss=flow + out['quant_loss'], flow=flow, quant=out['quant_loss'], codes=out['codes'])
+
+    def flow(self, x, z):
+        """The flow loss of clips x with latent actions z (None: action-free); clips one window plus its
+        context long train on the model's own context (own_ctx)."""
+        if x.shape[1] > self.wm.cfg.n_frames:
+            x, z = own_context(self.wm, None if z is None else self.action, x, z, own_ctx)
+        return flow_loss(self.wm, None if z is None else self.action, x, z, cond_drop)
 
 
 def start_phase(phase, old_opt=None):
@@ -230,29 +222,28 @@ def start_phase(phase, old_opt=None):
 
 def wrap():
     """The module the loop calls: DDP over the modules that require grad now, optionally compiled."""
-    model = Losses(**models)
+    model = TrainingLoss(**models)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if cuda else None)
     return torch.compile(model) if compile else model
 
 
 def lr_at(i, n):
-    """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr or constant."""
+    """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr."""
+    peak = actions_lr if mode == 'actions' else lr
     if i < lr_warmup:
-        return lr * (i + 1) / lr_warmup
-    if lr_schedule == 'constant':
-        return lr
-    return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (lr - min_lr)
+        return peak * (i + 1) / lr_warmup
+    return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (peak - min_lr)
 
 
 # soft-to-hard quantization counts from the first step that trains the LAM (two_stage: lam; cola: warmup)
 lam_start = next((sum(n for _, n in schedule[:i]) for i, (p, _) in enumerate(schedule) if 'lam' in PHASES[p]), None)
-anneal_steps = quant_anneal * sum(n for p, n in schedule if 'lam' in PHASES[p])
+anneal_steps = relax_anneal * sum(n for p, n in schedule if 'lam' in PHASES[p])
 
 
 def p_relax_at(i):
     """Probability that a transition passes its continuous latent instead of the quantized one at global
-    step i: 1 -> 0 linearly over the first quant_anneal of the LAM's training steps, then 0 (fully quantized)."""
+    step i: 1 -> 0 linearly over the first relax_anneal of the LAM's training steps, then 0 (fully quantized)."""
     if lam_start is None or anneal_steps <= 0 or i < lam_start:
         return 0.0
     return max(0.0, 1 - (i - lam_start) / anneal_steps)
@@ -342,13 +333,13 @@ for phase, n_steps in schedule:
         if logging and master:
             rec = dict(step=step, phase=phase, loss=loss, lr=opt.param_groups[0]['lr'],
                        ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
-                       **{k: out[k].item() for k in ('flow', 'recon', 'vq') if k in out}, **norms,
+                       **{k: out[k].item() for k in ('flow', 'recon', 'quant') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
-            if codes_window and models['lam'].quantizer.size:
-                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), models['lam'].quantizer.size),
-                           quant_p=p_relax_at(step - 1), code_restarts=getattr(models['lam'].quantizer, 'restarts', 0))
-                if hasattr(models['lam'].quantizer, 'restarts'):
-                    models['lam'].quantizer.restarts = 0
+            quantizer = models['lam'].quantizer
+            if codes_window and quantizer.size:
+                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), quantizer.size),
+                           p_relax=p_relax_at(step - 1), code_restarts=quantizer.restarts)
+                quantizer.restarts = 0
             log.write(json.dumps(rec) + '\n')
             log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))

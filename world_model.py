@@ -15,35 +15,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model import Block, STBlock, TimestepEmbedder, modulate, patchify, sincos_2d, unpatchify
+from model import Block, STBlock, TimestepEmbedder, modulate, patchify, unpatchify
 
 
 @dataclass
 class WMConfig:
-    res: int = 64
-    patch: int = 8
+    """The world model's settings; the defaults are the CPU preset's, the run `python train.py` trains."""
+    res: int = 32
+    patch: int = 4
     channels: int = 3
-    n_frames: int = 6           # clip length T the model is trained on (and rolls out in windows of)
+    n_frames: int = 4           # clip length T the model is trained on (and rolls out in windows of)
     n_context: int = 2          # clean context frames; only the other T - n_context frames are noised
-    width: int = 128
+    width: int = 64
     depth: int = 4
     n_heads: int = 4
     mlp_ratio: float = 4.0
     n_action_tokens: int = 2    # must match the LAM
     action_dim: int = 32
-    act_width: int = 128        # the action transformer (paper: 6 blocks)
-    act_depth: int = 2
-    t_shift: float = 1.0        # flow times t -> s t / (1 + (s - 1) t) in training and sampling (SD3's shift)
-    rope: bool = False          # 2-D rotary embeddings in the spatial attention
+    act_width: int = 64         # the action transformer (paper: 6 blocks)
+    act_depth: int = 1
+    t_shift: float = 8.0        # flow times t -> s t / (1 + (s - 1) t) in training and sampling (SD3's shift)
 
 
 # Size presets: plain values shared by WMConfig and LAMConfig (the trainer applies them to both).
-# 'cpu' learns on the built-in simulator in minutes on 2 cores; 'base' is the paper's IDM size for GPUs.
+# 'cpu' (the dataclasses' defaults) learns on the built-in simulator in minutes on 2 cores; 'base' is the
+# paper's IDM size for GPUs.
 PRESETS = {
-    'cpu': dict(res=32, patch=4, n_frames=4, width=64, depth=4, n_heads=4, act_width=64, act_depth=1, t_shift=8.0,
-                rope=True),
-    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6,
-                 t_shift=8.0, rope=True),
+    'cpu': dict(res=32, patch=4, n_frames=4, width=64, depth=4, n_heads=4, act_width=64, act_depth=1),
+    'base': dict(res=128, patch=8, n_frames=16, width=768, depth=12, n_heads=12, act_width=512, act_depth=6),
 }
 
 
@@ -64,14 +63,11 @@ class VideoDiT(nn.Module):
         D = cfg.width
         self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
         self.ref_embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
-        # with rotary embeddings the spatial attention sees only relative positions (no absolute embedding):
-        # moving the agent by the action is then one operation, learned once for every place in the frame
-        self.register_buffer('pos_space', torch.zeros(1, D) if cfg.rope else sincos_2d(cfg.res // cfg.patch, D),
-                             persistent=False)
+        # no absolute position in space: the spatial attention sees relative positions only (rotary, in
+        # STBlock), so moving the agent by the action is one operation, learned once for every place in the frame
         self.pos_time = nn.Parameter(torch.randn(cfg.n_frames, D) * 0.02)
         self.t_embed = TimestepEmbedder(D)
-        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads, cfg.mlp_ratio, cond=True, rope_side=cfg.res // cfg.patch * cfg.rope)
-                                    for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(STBlock(D, cfg.n_heads, cfg.res // cfg.patch, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.adaLN_out = nn.Sequential(nn.SiLU(), nn.Linear(D, 2 * D))
         self.head = nn.Linear(D, cfg.patch ** 2 * cfg.channels)
@@ -89,7 +85,7 @@ class VideoDiT(nn.Module):
         # tokens also take it as input, so copying what stands still is local, not learned through time
         ref = x[:, torch.arange(T, device=x.device).clamp(max=self.cfg.n_context - 1)]
         h = self.embed(patchify(x, self.cfg.patch)) + self.ref_embed(patchify(ref, self.cfg.patch))
-        h = h + self.pos_space + self.pos_time[:T, None]  # (B, T, N, D)
+        h = h + self.pos_time[:T, None]  # (B, T, N, D)
         c = self.t_embed(t)  # (B, T, D)
         for blk in self.blocks:
             h = blk(h, c, mod_add)
@@ -170,7 +166,30 @@ def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
 
 
 @torch.no_grad()
-def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator=None):
+def own_context(wm, action, x, z=None, frac=0.5, generator=None):
+    """Training on the model's own rollouts. x: clips one window plus n_context frames long (B, T + nc, C, H, W),
+    z: their latent actions (B, T + nc - 1, n_tok, d) or None -> the windows of frames nc .. T + nc - 1 and
+    their actions, where in a `frac` of the clips the nc context frames are the model's own prediction of
+    them from the nc frames before (one Euler step from noise: the predicted clean frames).
+
+    A rollout feeds the model its own frames as context from the second window on, and their errors grew
+    window by window (blocks faded, the agent smeared: README); trained on clean context only, the model
+    never learns to repair them. Here the flow loss asks for the true next frames from its own context.
+    """
+    nc = wm.cfg.n_context
+    T = x.shape[1] - nc
+    if T < 2 * nc:
+        raise ValueError(f"own_context needs windows of at least 2 x n_context frames, got {T}")
+    out = x[:, nc:].clone()
+    pick = (torch.rand(x.shape[0], device=x.device, generator=generator) < frac).nonzero().flatten()
+    if len(pick):
+        gen = sample(wm, action, x[pick, :nc], None if z is None else z[pick, :T - 1], T, n_steps=1, generator=generator)
+        out[pick, :nc] = gen[:, :nc].clamp(-1, 1).to(out.dtype)  # frames nc .. 2 nc - 1
+    return out, None if z is None else z[:, nc:]
+
+
+@torch.no_grad()
+def sample(wm, action, ctx, z=None, T=None, n_steps=2, cfg_scale=1.0, generator=None):
     """Generate the future of one window with Euler steps from t = 1 (noise) to t = 0.
 
     ctx: (B, n_context, C, H, W) clean frames; z: (B, T-1, n_tok, d) latent actions of the window's T
@@ -204,7 +223,7 @@ def sample(wm, action, ctx, z=None, T=None, n_steps=10, cfg_scale=4.0, generator
 
 
 @torch.no_grad()
-def rollout(wm, action, ctx, z, total=None, n_steps=10, cfg_scale=4.0, generator=None):
+def rollout(wm, action, ctx, z, total=None, n_steps=2, cfg_scale=1.0, generator=None):
     """Autoregressive sliding-window rollout past one clip.
 
     ctx: (B, n_context, ...) first frames; z: (B, total - 1, n_tok, d) latent actions for every

@@ -10,6 +10,7 @@ joint_steps = 52000
 lam_steps = 30000
 wm_steps = 30000
 lr = 7.5e-5
+actions_lr = 7.5e-5
 min_lr = 7.5e-6
 lr_warmup = 2000
 ema_decay = 0.9999

@@ -6,6 +6,7 @@ pretrain_steps = 5000
 warmup_steps = 1500
 joint_steps = 5000
 lr = 5e-4
+actions_lr = 5e-4
 lr_warmup = 500
 ema_decay = 0.999
 log_interval = 50
