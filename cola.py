@@ -26,7 +26,8 @@ def model_configs(s):
     if s.get('preset') not in PRESETS:
         raise ValueError(f"--preset must be one of {sorted(PRESETS)}, got {s.get('preset')!r}")
     sizes = {k: (PRESETS[s['preset']][k] if s.get(k) is None else s[k]) for k in PRESETS[s['preset']]}
-    pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__}
+    # settings left None take the dataclass's default (checkpoints of older versions say t_shift=None)
+    pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__ and v is not None}
     wm_cfg = WMConfig(**pick(WMConfig))
     # the pixel decoder exists in the two-stage baseline only; the IDM takes clips of the world model's length
     fixed = dict(dec_depth=s['dec_depth'] if s.get('mode') == 'two_stage' else 0, max_frames=wm_cfg.n_frames)

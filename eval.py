@@ -39,8 +39,8 @@ camera = ''             # LeRobot --data: the camera (video feature); '' = the c
 frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 n_clips = 16            # held-out clips for video simulation
 horizon = 10            # generated frames per clip, after the n_context given ones
-sample_steps = 2        # Euler steps per window (measured: 1-2 steps beat 10 at CPU scale; README)
-cfg_scale = 1.0         # classifier-free guidance scale (4.0 cost 3 dB with true actions; README)
+sample_steps = 2        # Euler steps per window (measured: 1-2 steps beat 10 at CPU scale; NOTES.md)
+cfg_scale = 1.0         # classifier-free guidance scale (4.0 cost 3 dB with true actions; NOTES.md)
 n_episodes = 48         # at most this many episodes of each split for the probe and codebook health
 probe_ridge = 1e-3      # ridge penalty, relative to the mean eigenvalue of the latents' Gram matrix
 adapter_episodes = 32   # labelled training episodes the adapter learns from

@@ -21,7 +21,7 @@ import state_probe
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats
 from model import STBlock, patchify, unpatchify
 from sim import SENSOR_NOISE, PushSim, generate_episode
-from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, own_context, rollout, sample
+from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(res=16, patch=4, width=32, depth=2, n_heads=2)
@@ -261,28 +261,6 @@ def test_sampler_deterministic_and_rollout_shapes():
     frames = rollout(wm, act, ctx, torch.randn(2, 10, 2, 32), n_steps=2, generator=torch.Generator().manual_seed(0))
     assert rollout(wm, act, ctx, None, total=9, n_steps=2).shape == (2, 9, 3, 16, 16)
     assert frames.shape == (2, 11, 3, 16, 16) and torch.equal(frames[:, :2], ctx)
-
-
-def test_own_context_is_the_models_prediction_of_the_context():
-    """Clips one window plus n_context frames long -> windows whose context is, in a fraction of the clips, what
-    the model predicts for those frames from the frames before; the targets stay real."""
-    torch.manual_seed(0)
-    wm, act = tiny_wm()  # windows of 5 frames, 2 of context
-    randomize_zero_inits(wm, act)
-    x, z = torch.rand(6, 7, 3, 16, 16) * 2 - 1, torch.randn(6, 6, 2, 32)
-    y, zy = own_context(wm, act, x, z, frac=0.0)
-    assert torch.equal(y, x[:, 2:]) and torch.equal(zy, z[:, 2:])
-    y, zy = own_context(wm, act, x, z, frac=1.0, generator=torch.Generator().manual_seed(3))
-    g = torch.Generator().manual_seed(3)
-    torch.rand(6, generator=g)  # own_context's draw of the clips it replaces
-    pred = sample(wm, act, x[:, :2], z[:, :4], 5, n_steps=1, generator=g)  # frames 2..4 from frames 0, 1
-    assert torch.allclose(y[:, :2], pred[:, :2].clamp(-1, 1)) and torch.equal(y[:, 2:], x[:, 4:])
-    assert not torch.allclose(y[:, :2], x[:, 2:4]) and torch.equal(zy, z[:, 2:])
-    y, _ = own_context(wm, None, x, None, frac=0.5)  # action-free (pretraining): some clips replaced, not all
-    replaced = (y[:, :2] != x[:, 2:4]).flatten(1).any(1)
-    assert 0 < replaced.sum() < 6 and torch.equal(y[:, 2:], x[:, 4:])
-    with pytest.raises(ValueError, match='2 x n_context'):
-        own_context(wm, act, x[:, :5], z[:, :4])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import cola
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
 from lam import code_stats
-from world_model import flow_loss, own_context
+from world_model import flow_loss
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -51,7 +51,7 @@ resume = False          # continue out_dir/ckpt.pt exactly where it stopped
 log_interval = 10       # steps between log.jsonl records
 ckpt_interval = 250     # steps between checkpoints
 mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam' | 'actions'
-pretrain_steps = 2500   # the null-action rollout reaches copy-last within 0.1 dB at 2500 (0.6 below at 600: README)
+pretrain_steps = 2500   # the null-action rollout reaches copy-last within 0.1 dB at 2500 (0.6 below at 600: NOTES.md)
 warmup_steps = 1000
 joint_steps = 2100
 lam_steps = 3000        # two-stage, stage 1 (about 4 minutes on 2 CPU cores)
@@ -70,12 +70,12 @@ act_depth = None
 n_context = 2           # clean context frames of each clip
 n_action_tokens = 2
 action_dim = 32
-quantizer = 'fsq'       # 'fsq' | 'vq' | 'none'; through the world model only FSQ (and 'none') learned (README)
+quantizer = 'fsq'       # 'fsq' | 'vq' | 'none'; through the world model only FSQ (and 'none') learned (NOTES.md)
 codebook_size = 32
 fsq_levels = (8, 4)
 relax_anneal = 0.9      # soft-to-hard quantization: p_relax falls 1 -> 0 over this fraction of the LAM's steps (lam.LAM.forward)
 idm_keypoints = 16      # the IDM reads the move from K keypoints' displacements (0 = the difference pooling alone)
-idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: README)
+idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: NOTES.md)
 dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_stage only: cola.model_configs)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
 # optimisation: one learning rate for every part, as in the paper
@@ -88,7 +88,6 @@ lr_warmup = 50          # linear LR warm-up steps at the start of every phase
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
-own_ctx = 0.0           # fraction of WM training clips whose context is the WM's own prediction (own_context)
 # end-of-run summary on held-out episodes
 eval_clips = 16
 eval_len = 12
@@ -140,31 +139,31 @@ try:
     models = cola.build(config, device)
     wm_cfg, _ = cola.model_configs(config)
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-    start = cola.load_checkpoint(ckpt_path, device) if resume else None
-    init = cola.load_checkpoint(init_from, device) if init_from and not resume else None
-    if start is not None:
-        cola.check_compatible(start, config, ckpt_path)
-    if init is not None:
-        cola.check_compatible(init, config, init_from, modules=('wm',))
+    resumed = cola.load_checkpoint(ckpt_path, device) if resume else None
+    init_ckpt = cola.load_checkpoint(init_from, device) if init_from and not resume else None
+    if resumed is not None:
+        cola.check_compatible(resumed, config, ckpt_path)
+    if init_ckpt is not None:
+        cola.check_compatible(init_ckpt, config, init_from, modules=('wm',))
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
     data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, policy, camera, frame_stride)
     if ddp and master:
         dist.barrier()
-    sampler = ClipSampler(data_dir, wm_cfg.n_frames + (n_context if own_ctx > 0 else 0), 'train', seed=seed, rank=rank, world_size=n_procs)
+    sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
     if mode == 'actions':
         cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), models['lam'].cfg)  # checks the sizes
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
-if init is not None:
-    models['wm'].load_state_dict(init.get('ema_wm') or init['wm'])
+if init_ckpt is not None:
+    models['wm'].load_state_dict(init_ckpt.get('ema_wm') or init_ckpt['wm'])
 ema = {k: v.detach().clone() for k, v in models['wm'].state_dict().items()} if ema_decay > 0 else None
 step = 0
-if start is not None:
+if resumed is not None:
     for name, m in models.items():
-        m.load_state_dict(start[name])
-    step, ema = start['step'], start.get('ema_wm') or ema
-    mine = start['ranks'][rank] if len(start['ranks']) == n_procs else None  # same world size: exact resume
+        m.load_state_dict(resumed[name])
+    step, ema = resumed['step'], resumed.get('ema_wm') or ema
+    mine = resumed['ranks'][rank] if len(resumed['ranks']) == n_procs else None  # same world size: exact resume
     if mine is not None:
         sampler.load_state_dict(mine['sampler'])
         torch.set_rng_state(mine['torch'].cpu())
@@ -181,11 +180,12 @@ class TrainingLoss(nn.Module):
         super().__init__()
         self.wm, self.action, self.lam = wm, action, lam
 
-    def forward(self, x, phase, actions=None, p_relax=0.0):
-        """x: (B, T, 3, H, W) in [-1, 1]; actions (B, T-1, A): the real ones (--mode=actions), else None
+    def forward(self, x, phase, real_actions=None, p_relax=0.0):
+        """x: (B, T, 3, H, W) in [-1, 1]; real_actions (B, T-1, A): the real ones (--mode=actions), else None
         -> dict(loss, its parts, codes)."""
-        if phase == 'pretrain' or actions is not None:  # the world model alone: no actions, or the real ones
-            flow = self.flow(x, None if actions is None else cola.real_latents(actions, self.lam.cfg))
+        if phase == 'pretrain' or real_actions is not None:  # the world model alone: no actions, or the real ones
+            action, z = (None, None) if real_actions is None else (self.action, cola.real_latents(real_actions, self.lam.cfg))
+            flow = flow_loss(self.wm, action, x, z, cond_drop)
             return dict(loss=flow, flow=flow)
         with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
             out = self.lam(x, p_relax)
@@ -194,15 +194,8 @@ class TrainingLoss(nn.Module):
             return dict(loss=recon + out['quant_loss'], recon=recon, quant=out['quant_loss'], codes=out['codes'])
         # warm-up and joint: the flow loss is the IDM's only signal (in the wm phase the quantizer's loss is a
         # constant: the LAM is frozen)
-        flow = self.flow(x, out['z'])
+        flow = flow_loss(self.wm, self.action, x, out['z'], cond_drop)
         return dict(loss=flow + out['quant_loss'], flow=flow, quant=out['quant_loss'], codes=out['codes'])
-
-    def flow(self, x, z):
-        """The flow loss of clips x with latent actions z (None: action-free); clips one window plus its
-        context long train on the model's own context (own_ctx)."""
-        if x.shape[1] > self.wm.cfg.n_frames:
-            x, z = own_context(self.wm, None if z is None else self.action, x, z, own_ctx)
-        return flow_loss(self.wm, None if z is None else self.action, x, z, cond_drop)
 
 
 def start_phase(phase, old_opt=None):
@@ -288,9 +281,9 @@ if master:
 # ----------------------------------------------------------------------------------------------------
 # the training loop: one phase after another
 end, opt = 0, None
-if start is not None:  # the optimizer as it was saved, handed on like the end of a phase
-    opt, _ = start_phase(start['phase'])
-    opt.load_state_dict(start['optimizer'])
+if resumed is not None:  # the optimizer as it was saved, handed on like the end of a phase
+    opt, _ = start_phase(resumed['phase'])
+    opt.load_state_dict(resumed['optimizer'])
 for phase, n_steps in schedule:
     begin, end = end, end + n_steps
     if step >= end:  # finished before a resume
@@ -305,11 +298,11 @@ for phase, n_steps in schedule:
         for micro in range(grad_accum):
             batch = sampler.sample(batch_size)
             x = cola.to_model(batch['frames'], device)  # (B, T, 3, H, W)
-            actions = batch['actions'].to(device) if mode == 'actions' else None  # (B, T-1, A)
+            real_actions = batch['actions'].to(device) if mode == 'actions' else None  # (B, T-1, A)
             if ddp:
                 model.require_backward_grad_sync = micro == grad_accum - 1
             with autocast:
-                out = model(x, phase, actions, p_relax_at(step))
+                out = model(x, phase, real_actions, p_relax_at(step))
             (out['loss'] / grad_accum).backward()
             if out.get('codes') is not None:
                 codes_window.append(out['codes'].detach())
@@ -359,7 +352,7 @@ for phase, n_steps in schedule:
     bar.close()
     if master:
         print(f"{phase}: {n_steps} steps in {time.time() - t_phase:.0f} s, final loss {loss:.4f}")
-if end == 0 and start is None:  # no steps at all (e.g. --init_from with 0 warm-up and joint steps): save the
+if end == 0 and resumed is None:  # no steps at all (e.g. --init_from with 0 warm-up and joint steps): save the
     save(schedule[0][0], start_phase(schedule[0][0])[0])  # starting point, so that eval.py can measure it
 
 # ----------------------------------------------------------------------------------------------------

@@ -166,29 +166,6 @@ def flow_loss(wm, action, x0, z=None, cond_drop=0.0, generator=None):
 
 
 @torch.no_grad()
-def own_context(wm, action, x, z=None, frac=0.5, generator=None):
-    """Training on the model's own rollouts. x: clips one window plus n_context frames long (B, T + nc, C, H, W),
-    z: their latent actions (B, T + nc - 1, n_tok, d) or None -> the windows of frames nc .. T + nc - 1 and
-    their actions, where in a `frac` of the clips the nc context frames are the model's own prediction of
-    them from the nc frames before (one Euler step from noise: the predicted clean frames).
-
-    A rollout feeds the model its own frames as context from the second window on, and their errors grew
-    window by window (blocks faded, the agent smeared: README); trained on clean context only, the model
-    never learns to repair them. Here the flow loss asks for the true next frames from its own context.
-    """
-    nc = wm.cfg.n_context
-    T = x.shape[1] - nc
-    if T < 2 * nc:
-        raise ValueError(f"own_context needs windows of at least 2 x n_context frames, got {T}")
-    out = x[:, nc:].clone()
-    pick = (torch.rand(x.shape[0], device=x.device, generator=generator) < frac).nonzero().flatten()
-    if len(pick):
-        gen = sample(wm, action, x[pick, :nc], None if z is None else z[pick, :T - 1], T, n_steps=1, generator=generator)
-        out[pick, :nc] = gen[:, :nc].clamp(-1, 1).to(out.dtype)  # frames nc .. 2 nc - 1
-    return out, None if z is None else z[:, nc:]
-
-
-@torch.no_grad()
 def sample(wm, action, ctx, z=None, T=None, n_steps=2, cfg_scale=1.0, generator=None):
     """Generate the future of one window with Euler steps from t = 1 (noise) to t = 0.
 
