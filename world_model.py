@@ -51,7 +51,7 @@ class VideoDiT(nn.Module):
 
     ST blocks with causal temporal attention and adaLN-Zero. The network predicts the clean frame, not
     the velocity ("x-prediction", Li & He 2025, "Back to Basics: Let Denoising Generative Models
-    Denoise"): with pixel patches wider than the model (8x8x3 = 192 > 128 at the CPU preset) predicting
+    Denoise"): with pixel patches wider than the model (8x8x3 = 192 > 128 at the first CPU sizes), predicting
     velocity left the model at the mean image. x0_hat is a residual on the latest clean context frame, and
     the final layer starts at zero, so a fresh model predicts "nothing moves" and every block is the
     identity on its residual stream. The sampler turns x0_hat into the velocity (x_t - x0_hat) / t.
