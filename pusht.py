@@ -48,7 +48,9 @@ class PushT:
         return self.render()
 
     def render(self):
-        return self.frame if self.res == 64 else np.asarray(Image.fromarray(self.frame).resize((self.res, self.res), Image.BILINEAR))
+        if self.res == 64:
+            return self.frame
+        return np.asarray(Image.fromarray(self.frame).resize((self.res, self.res), Image.BILINEAR))
 
     def coverage(self):
         return float(self.env._get_coverage())  # the fraction of the goal T the block covers
