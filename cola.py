@@ -44,8 +44,9 @@ def build(s, device='cpu'):
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt.pt."""
-    tmp = path + '.tmp'
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt.pt. The temporary
+    name is the process's own: two evaluations that cache the same state probe at once must not share it."""
+    tmp = f'{path}.{os.getpid()}.tmp'
     torch.save(ckpt, tmp)
     os.replace(tmp, path)
 

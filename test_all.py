@@ -815,6 +815,18 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tm
 # ----------------------------------------------------------------------------------------------------
 # cola.py: the measurements the programs share
 
+def test_save_checkpoint_is_safe_for_concurrent_writers(tmp_path):
+    """Two processes saving the same file at once (two evaluations caching one state probe, as experiments.py
+    runs them) both succeed and leave a whole file: each writes its own temporary name before the rename."""
+    path = tmp_path / 'probe.pt'
+    code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); from cola import save_checkpoint\n"
+            f"for _ in range(150): save_checkpoint({{'w': torch.ones(200, 200)}}, {str(path)!r})")
+    procs = [subprocess.Popen([sys.executable, '-c', code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert torch.equal(torch.load(path)['w'], torch.ones(200, 200)) and os.listdir(tmp_path) == ['probe.pt']
+
+
 def test_probe_recovers_linear_map_and_not_noise():
     g = torch.Generator().manual_seed(0)
     actions = torch.rand(3000, 2, generator=g) * 2 - 1
