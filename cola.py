@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClipSampler, resolve_data
+from data import ClipSampler, atomic_save, resolve_data
 from lam import LAM, LAMConfig, code_stats
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
 
@@ -44,11 +44,8 @@ def build(s, device='cpu'):
 
 
 def save_checkpoint(ckpt, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written ckpt.pt. The temporary
-    name is the process's own: two evaluations that cache the same state probe at once must not share it."""
-    tmp = f'{path}.{os.getpid()}.tmp'
-    torch.save(ckpt, tmp)
-    os.replace(tmp, path)
+    """torch.save through data.atomic_save: a crash never leaves a half-written ckpt.pt."""
+    atomic_save(path, lambda f: torch.save(ckpt, f))
 
 
 def load_checkpoint(path, device='cpu'):

@@ -88,11 +88,13 @@ def _episode_files(src):
 
 # ----------------------------------------------------------------------------- preparing shards
 
-def _atomic_save(path, write):
-    """write(file) to a temp name, then rename: readers see the whole file or none."""
-    with open(path + '.tmp', 'wb') as f:
+def atomic_save(path, write):
+    """write(file) to a temporary name of this process's own, then rename: readers see the whole file or
+    none, and two processes writing one path at once (two evaluations caching a state probe) never collide."""
+    tmp = f'{path}.{os.getpid()}.tmp'
+    with open(tmp, 'wb') as f:
         write(f)
-    os.replace(path + '.tmp', path)
+    os.replace(tmp, path)
 
 
 def _pad(x, rows):
@@ -135,10 +137,10 @@ def _pack(out_dir, res, episodes, shard_frames, src, src_files=None):
             if dims[key] is None and any(x is not None for x in xs):
                 warnings.warn(f"{src}: {key}s missing or of different sizes in some episodes; dropping all {key}s")
             if dims[key] is not None:
-                _atomic_save(os.path.join(out_dir, f'{key}s.npy'), lambda f: np.save(f, np.concatenate(xs)))
+                atomic_save(os.path.join(out_dir, f'{key}s.npy'), lambda f: np.save(f, np.concatenate(xs)))
         meta = dict(res=res, source=str(src), src_files=src_files, shards=shards, episodes=index,
                     action_dim=dims['action'], state_dim=dims['state'])
-        _atomic_save(os.path.join(out_dir, INDEX), lambda f: f.write(json.dumps(meta).encode()))
+        atomic_save(os.path.join(out_dir, INDEX), lambda f: f.write(json.dumps(meta).encode()))
     except BaseException:  # Ctrl-C included: leave no shards that no index describes
         if fh is not None:
             fh.close()
@@ -324,7 +326,7 @@ def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', policy='e
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):
         ep = generate(episode_seed(seed, i))
-        _atomic_save(os.path.join(out_dir, f'ep_{i:06d}.npz'), lambda f: np.savez(f, **ep))
+        atomic_save(os.path.join(out_dir, f'ep_{i:06d}.npz'), lambda f: np.savez(f, **ep))
 
 
 def main(argv=None):
