@@ -25,6 +25,7 @@ import json
 import sys
 import time
 
+import numpy as np
 import torch
 
 import cola
@@ -124,6 +125,22 @@ if not real and labelled:
         out.update({f'probe_{name}_r2': p['r2'], f'probe_{name}_r2_per_dim': p['r2_per_dim']})
     print("probe R^2 per action dim: quantized " + ', '.join(f"{r:.3f}" for r in probe['r2_per_dim']) + "; "
           + "; ".join(f"{name} {p['r2']:.3f}" for name, p in fair.items()))
+    # What else the latent holds. The speed |a|: a code that is a speed dial, no direction, reads it well and the
+    # action badly. The agent's move read off the states (their first two numbers are the agent's xy in the
+    # built-in simulator and PushT): what the frames show, where the action is a command (PushT's PD target).
+    feats = dict(quantized=(z_tr, z_val), pre=(ze_tr, ze_val))
+    if codes_val is not None:
+        feats['onehot'] = (onehot(codes_tr), onehot(codes_val))
+    targets = dict(speed=(a_tr.norm(dim=1, keepdim=True), a_val.norm(dim=1, keepdim=True)))
+    if sampler.states is not None:
+        moves = lambda ids: torch.cat([torch.from_numpy(np.diff(sampler.get_episode(i)['states'][:, :2], axis=0))
+                                       for i in ids]).to(device)  # (N, 2), aligned with the latents
+        targets['disp'] = (moves(train_ids[:n_episodes]), moves(val_ids))
+    for target, (y_tr, y_val) in targets.items():
+        r2 = {name: cola.ridge_probe(x_tr, y_tr, x_val, y_val, probe_ridge)['r2'] for name, (x_tr, x_val) in feats.items()}
+        out.update({f"probe_{'' if name == 'quantized' else name + '_'}{target}_r2": r for name, r in r2.items()})
+        print(f"probe R^2 of the {dict(speed='speed |a|', disp='agent displacement')[target]}: "
+              + "; ".join(f"{name} {r:.3f}" for name, r in r2.items()))
 
     # ------------------------------------------------------------------------------------------------
     # 2. real-action adaptation: real action -> adapter -> the LAM's quantizer -> world model (rolled out in 3.)
@@ -155,16 +172,23 @@ print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} gen
 # across conditions (common random numbers), so "PSNR - null" is exactly 0 for a model that ignores actions.
 simulate = lambda z: cola.simulate(models, clips, z, sample_steps, cfg_scale, seed)
 if real:  # --mode=actions: the rollout driven by the clip's own real actions
-    out.update(report('', simulate(cola.real_latents(batch['actions'].to(device), lam.cfg))))
+    z = cola.real_latents(batch['actions'].to(device), lam.cfg)
 else:
-    out.update(report('', simulate(cola.latent_actions(lam, clips)['z'])))  # z: (n_clips, L-1, n_tok, d)
+    z = cola.latent_actions(lam, clips)['z']  # (n_clips, L-1, n_tok, d)
+out.update(report('', simulate(z)))
+# The shuffle control: each clip driven by its own latent actions in another order in time. What the rollout
+# loses is what the latents say about each transition; a code that holds only something constant over a clip
+# (its speed, say) loses nothing, though it may beat the null action by far.
+out.update(report('shuffled_', simulate(z[:, torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(seed))])))
 if adapter is not None:
     with torch.inference_mode():
         out.update(report('adapter_', simulate(quantize(adapter(batch['actions'].to(device)))[0])))
 out.update(report('null_', simulate(None)))
 out.update(report('copy_', cola.copy_last(clips, nc)))
 out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']
-cols = [(name, p) for name, p in (('real' if real else 'latent', ''), ('adapter', 'adapter_'), ('null', 'null_'), ('copy-last', 'copy_'))
+out['psnr_gain_over_shuffled'] = out['psnr'] - out['shuffled_psnr']
+cols = [(name, p) for name, p in (('real' if real else 'latent', ''), ('shuffled', 'shuffled_'), ('adapter', 'adapter_'),
+                                  ('null', 'null_'), ('copy-last', 'copy_'))
         if p + 'psnr' in out]
 row = lambda first, psnrs, ssims: print(f"{first:>5} " + ''.join(f"{x:10.2f}" for x in psnrs) + "  |"
                                         + ''.join(f"{x:10.3f}" for x in ssims))

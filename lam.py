@@ -30,7 +30,7 @@ class LAMConfig:
     n_heads: int = 4
     n_action_tokens: int = 2     # tokens per latent action
     action_dim: int = 32         # channels per token
-    quantizer: str = 'fsq'       # 'fsq' | 'vq' | 'none' (continuous, for ablations)
+    quantizer: str = 'vq'        # 'vq' | 'fsq' | 'none' (continuous: the ceiling of the other two)
     codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
     fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
     dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
@@ -42,14 +42,18 @@ class LAMConfig:
 # codebook entries it re-initialised since the trainer last read (and zeroed) it
 
 class VQ(nn.Module):
-    """Vector quantizer (van den Oord et al. 2017) with a straight-through gradient.
+    """Vector quantizer trained by noise substitution (NSVQ, Vali & Bäckström 2022), as LAPA trains its LAM.
 
-    Its loss is the codebook loss ||sg(z_e) - e||^2, which moves entries to the encoder outputs, plus 0.25 x
-    the commitment loss ||z_e - sg(e)||^2, which keeps the encoder near its entry (VQ-VAE's weights). Entries
-    that no encoder output in a training batch picked move onto random outputs of the batch (restart_dead):
-    without it most of the codebook died through the world model (NOTES.md).
+    In training the quantized vector is z_e + ||z_e - e|| * v / ||v||, v ~ N(0, I): a point as far from the
+    encoder output z_e as its nearest entry e, in a random direction. The world model's gradient then reaches
+    z_e whole, and reaches e through the distance, so the codebook needs no codebook or commitment loss. The
+    straight-through VQ (the vector e, its gradient copied to z_e, plus VQ-VAE's codebook and commitment losses)
+    learned nothing through the world model: the flow loss's gradient on the IDM stayed near 1e-4, under the
+    commitment loss that pulls z_e onto whichever entry it already has; with noise substitution the same runs
+    learned the action on every seed (NOTES.md). In evaluation the vector is e itself. Entries that no encoder
+    output in a training batch picked move onto random outputs of the batch (restart_dead): without it most
+    of the codebook died through the world model (NOTES.md).
     """
-    commit_weight = 0.25
 
     def __init__(self, size, dim):
         super().__init__()
@@ -64,10 +68,13 @@ class VQ(nn.Module):
         codes = torch.cdist(flat, self.codebook.float()).argmin(dim=1)  # (M,)
         if self.training:
             self.restart_dead(flat.detach(), codes)
-        z_q = self.codebook[codes].view_as(z).to(z.dtype)
-        loss = F.mse_loss(z_q, z.detach()) + self.commit_weight * F.mse_loss(z, z_q.detach())
-        z_q = z + (z_q - z).detach()  # straight-through: forward uses e, backward passes to z_e
-        return z_q, codes.view(z.shape[:-1]), loss
+        e = self.codebook[codes].float()  # (M, d)
+        if self.training:
+            v = torch.randn_like(flat)
+            z_q = flat + (flat - e).norm(dim=1, keepdim=True) * v / v.norm(dim=1, keepdim=True)
+        else:
+            z_q = e
+        return z_q.view_as(z).to(z.dtype), codes.view(z.shape[:-1]), z.new_zeros(())
 
     @torch.no_grad()
     def restart_dead(self, flat, codes):

@@ -75,17 +75,26 @@ def test_causal_temporal_attention():
 # ----------------------------------------------------------------------------------------------------
 # lam.py
 
-def test_vq_straight_through_reaches_encoder():
+def test_vq_noise_substitution_reaches_encoder_and_codebook():
+    """In training VQ passes z_e plus noise as large as the quantization error (NSVQ): the gradient reaches the
+    IDM and the codebook without a codebook loss; in evaluation it passes the nearest entry itself."""
     torch.manual_seed(0)
     lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=2, n_heads=2, n_action_tokens=2, action_dim=8, quantizer='vq', codebook_size=4))
-    out = lam(torch.randn(2, 3, 3, 16, 16))
-    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2)
-    (out['z'].square().sum() + out['quant_loss']).backward()
+    x = torch.randn(2, 3, 3, 16, 16)
+    out = lam(x)
+    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2) and out['quant_loss'] == 0
+    out['z'].square().sum().backward()
     g = lam.idm.embed.weight.grad
     assert g is not None and g.abs().sum() > 0
     assert lam.quantizer.codebook.grad.abs().sum() > 0
-    # the forward value is exactly the chosen codebook entry
-    assert torch.allclose(out['z'], lam.quantizer.codebook[out['codes']], atol=1e-6)
+    vq = lam.quantizer
+    z_e = torch.randn(64, 8)
+    z, codes, _ = vq(z_e)
+    e = vq.codebook[codes].detach()  # after this batch's restarts, the entries the forward used
+    assert torch.allclose((z - z_e).norm(dim=1), (e - z_e).norm(dim=1), atol=1e-5)  # the error's size, ...
+    assert not torch.allclose(z, e, atol=1e-3)  # ... in a random direction
+    z, codes, _ = vq.eval()(z_e)
+    assert torch.equal(z, vq.codebook[codes]) and torch.equal(codes, torch.cdist(z_e, vq.codebook).argmin(1))
 
 
 def test_quantizer_stats_known_histogram():
@@ -147,7 +156,7 @@ def test_dead_code_restart_revives_entries():
 
 def test_soft_to_hard_passes_the_continuous_latent_with_probability_p_relax():
     torch.manual_seed(0)
-    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, max_frames=6))  # FSQ
+    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, max_frames=6, quantizer='fsq'))
     x = torch.randn(8, 6, 3, 16, 16)
     with torch.no_grad():
         z_e = lam.idm(x)
@@ -961,10 +970,12 @@ def test_eval_json_and_determinism(tiny_ckpt):
     runs = [run('eval.py', *flags) for _ in range(2)]
     assert all(r.returncode == 0 for r in runs), runs[0].stderr[-3000:]
     a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in runs)
-    for prefix in ('', 'null_', 'copy_', 'adapter_'):
+    for prefix in ('', 'shuffled_', 'null_', 'copy_', 'adapter_'):
         for k in ('psnr', 'ssim'):
             assert math.isfinite(a[prefix + k]) and len(a[f'{prefix}{k}_per_step']) == 6
-    for k in ('psnr_gain_over_null', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
+    assert a['psnr_gain_over_shuffled'] == pytest.approx(a['psnr'] - a['shuffled_psnr'])
+    for k in ('psnr_gain_over_null', 'psnr_gain_over_shuffled', 'probe_speed_r2', 'probe_onehot_speed_r2',
+              'probe_pre_speed_r2', 'probe_disp_r2', 'probe_onehot_disp_r2', 'probe_pre_disp_r2', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
               'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss',
               'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):
         assert math.isfinite(a[k]), k
