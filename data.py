@@ -9,7 +9,8 @@ Every source (simulator, .npz folders, videos, LeRobot datasets) ends up "prepar
 uint8 frames in a few shard files read with np.memmap, plus index.json saying where each episode lives.
 A folder is a dataset iff it has index.json, which is written last, so a crash never leaves a half one.
 """
-import argparse, json, os, shutil, time, warnings
+import argparse, fcntl, json, os, shutil, time, warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -95,6 +96,16 @@ def atomic_save(path, write):
     with open(tmp, 'wb') as f:
         write(f)
     os.replace(tmp, path)
+
+
+@contextmanager
+def prepare_lock(path):
+    """Hold an exclusive lock on `path`.lock while `path` is prepared: runs that start on one data folder at
+    once queue here, the first prepares, the others wait and then find the finished set. The kernel drops
+    an flock when its holder exits, killed or not, so a crashed run never blocks the next one."""
+    with open(path + '.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing f releases the lock
 
 
 def _pad(x, rows):
@@ -198,19 +209,19 @@ def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, policy='explore', 
 
 def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore'):
     """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
-    It is built in a private temp dir and renamed into place, so concurrent callers (DDP ranks) are safe."""
+    One run builds it (prepare_lock) in a temp dir and renames it into place; runs started beside it wait."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
     out = os.path.join(root, f'sim_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
     if os.path.exists(os.path.join(out, INDEX)):
         return out
-    tmp = f'{out}.tmp{os.getpid()}'
-    prepare_from_sim(tmp, episodes, T, res, seed, policy)
-    if os.path.isdir(out) and not os.path.exists(os.path.join(out, INDEX)):
-        shutil.rmtree(out)  # not a dataset: no index
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process got there first
-        shutil.rmtree(tmp)
+    os.makedirs(root, exist_ok=True)
+    with prepare_lock(out):
+        if not os.path.exists(os.path.join(out, INDEX)):  # else another run built it while this one waited
+            tmp = f'{out}.tmp'
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+            prepare_from_sim(tmp, episodes, T, res, seed, policy)
+            shutil.rmtree(out, ignore_errors=True)  # not a dataset: no index
+            os.replace(tmp, out)
     return out
 
 
@@ -233,11 +244,18 @@ def resolve_data(data_dir, res, clip_len=None, skip_bad=False, policy='explore',
     if not files or source and not source.names:
         raise ValueError(f"empty dataset: no .npz/{'/'.join(VIDEO_EXTS)} episodes in --data={data_dir}")
     cache = os.path.join(data_dir, f'.prepared_{res}' + (source.tag if source else ''))
-    if os.path.exists(os.path.join(cache, INDEX)):
+
+    def ready():  # index.json is written last: present means whole
+        if not os.path.exists(os.path.join(cache, INDEX)):
+            return False
         with open(os.path.join(cache, INDEX)) as f:
-            if json.load(f)['src_files'] == files:
-                return cache
-    return prepare(data_dir, cache, res, clip_len, skip_bad, camera=camera, stride=stride)
+            return json.load(f)['src_files'] == files
+    if ready():
+        return cache
+    with prepare_lock(cache):
+        if ready():  # another run prepared it while this one waited
+            return cache
+        return prepare(data_dir, cache, res, clip_len, skip_bad, camera=camera, stride=stride)
 
 
 # ----------------------------------------------------------------------------- sampling clips

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cola import save_checkpoint, to_model
+from data import prepare_lock
 
 def state_layout(S):
     """Columns of a state vector of S dims: (agent xy, [block xy, ...]). The built-in simulator's (8,) is agent
@@ -126,14 +127,13 @@ def load_state_probe(sampler, device='cpu', steps=2400):
         print(f"no state probe: the states of {sampler.dir} are not positions in frame widths (columns {cols})")
         return None
     path = os.path.join(sampler.dir, 'state_probe.pt')
+    with prepare_lock(path):  # evaluations started together fit it once
+        if not os.path.isfile(path):
+            print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
+            save_checkpoint(fit_state_probe(sampler, device, steps=steps).state_dict(), path)
     probe = StateProbe().to(device)
-    if os.path.isfile(path):
-        probe.load_state_dict(torch.load(path, map_location=device))
-        return probe.eval()
-    print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
-    probe = fit_state_probe(sampler, device, steps=steps)
-    save_checkpoint(probe.state_dict(), path)
-    return probe
+    probe.load_state_dict(torch.load(path, map_location=device))
+    return probe.eval()
 
 
 @torch.inference_mode()

@@ -6,6 +6,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import imageio.v3 as iio
 import numpy as np
@@ -819,6 +820,69 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tm
     assert r.returncode == 1 and 'non-finite loss' in r.stderr
     last = ckpt(out)
     assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
+
+
+# Several runs started on one fresh data folder: one prepares it (data.prepare_lock), the others wait for it.
+PREPARE_AT_ONCE = """
+import hashlib, os, sys, time
+sys.path.insert(0, {here!r})
+import data
+folder, ready, go = sys.argv[1:]
+open(ready, 'w').close()
+while not os.path.exists(go):  # every process starts preparing at the same moment
+    time.sleep(0.001)
+sampler = data.ClipSampler(data.resolve_data(folder, 16, clip_len=4), 4, 'train')
+digest = hashlib.sha256()
+for i in range(len(sampler.index)):
+    digest.update(sampler.get_episode(i)['frames'].tobytes())
+print(len(sampler.index), digest.hexdigest())
+"""
+
+
+def test_runs_started_together_prepare_one_folder_once(tmp_path):
+    folder = str(tmp_path / 'eps')
+    data.write_episodes(folder, 40, seed=5, T=48, res=64)
+    procs = [subprocess.Popen([sys.executable, '-c', PREPARE_AT_ONCE.format(here=HERE), folder, str(tmp_path / f'ready{k}'),
+                               str(tmp_path / 'go')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for k in range(3)]
+    while not all((tmp_path / f'ready{k}').exists() for k in range(3)):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()
+    (tmp_path / 'go').touch()
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # the same frames in all three ...
+    assert outs[0][0].strip().splitlines()[-1].startswith('40 ')  # ... every episode of them
+    assert sum(out.count('prepared ') for out, _ in outs) == 1  # one prepared, the others waited for it
+
+
+SLOW_PREPARE = """
+import sys, time
+sys.path.insert(0, {here!r})
+import data
+load = data.load_episode
+def slow(path, res):  # preparing takes long enough to be killed in the middle
+    open({marker!r}, 'w').close()
+    time.sleep(0.1)
+    return load(path, res)
+data.load_episode = slow
+data.resolve_data({folder!r}, 16)
+"""
+
+
+def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_path):
+    folder, marker = str(tmp_path / 'eps'), str(tmp_path / 'preparing')
+    data.write_episodes(folder, 12, seed=5, T=12, res=32)
+    p = subprocess.Popen([sys.executable, '-c', SLOW_PREPARE.format(here=HERE, marker=marker, folder=folder)])
+    while not os.path.exists(marker):
+        assert p.poll() is None
+    time.sleep(0.5)  # a few episodes into the first shard
+    p.kill()
+    p.wait()
+    prepared = os.path.join(folder, '.prepared_16')
+    assert any(f.endswith('.tmp') for f in os.listdir(prepared)) and not os.path.exists(os.path.join(prepared, 'index.json'))
+    train(str(tmp_path / 'run'), '--pretrain_steps=2', '--warmup_steps=0', '--joint_steps=0', '--eval_clips=0',
+          data_dir=folder)  # the lock died with its holder: this run prepares again and trains
+    assert len(data.ClipSampler(prepared, 4, 'train').index) == 12
 
 
 # ----------------------------------------------------------------------------------------------------
