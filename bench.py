@@ -63,7 +63,7 @@ def cola_step(models, opt, x):
     def step():
         with autocast:
             out = models['lam'](x)
-            loss = flow_loss(models['wm'], models['action'], x, out['z'], 0.1) + out['quant_loss']
+            loss = flow_loss(models['wm'], models['action'], x, out['z'], 0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

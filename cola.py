@@ -167,7 +167,7 @@ def latent_actions(lam, clips):
     (B, L-1, n_tok) or None for continuous actions)."""
     win, L = lam.cfg.max_frames, clips.shape[1]
     z_e = torch.cat([lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
-    z, codes, _ = lam.quantizer(z_e)
+    z, codes = lam.quantizer(z_e)
     return dict(z_e=z_e, z=z, codes=codes)
 
 

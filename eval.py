@@ -66,7 +66,7 @@ mean = lambda xs: sum(xs) / len(xs)
 @torch.inference_mode()
 def quantize(z_e):
     """Continuous latent actions (..., n_tok, d) -> (quantized, codes or None), by the LAM's own quantizer."""
-    z, codes, _ = lam.quantizer(z_e)
+    z, codes = lam.quantizer(z_e)
     return z, codes
 
 

@@ -37,7 +37,7 @@ class LAMConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantizers: each maps z_e (..., d) -> (z_q, codes, loss), relax(z_e) gives the continuous value it would
+# quantizers: each maps z_e (..., d) -> (z_q, codes) with no loss of its own, relax(z_e) gives the continuous value it would
 # quantize (the soft-to-hard start of LAM.forward), `size` is its number of codes and `restarts` counts the
 # codebook entries it re-initialised since the trainer last read (and zeroed) it
 
@@ -74,7 +74,7 @@ class VQ(nn.Module):
             z_q = flat + (flat - e).norm(dim=1, keepdim=True) * v / v.norm(dim=1, keepdim=True)
         else:
             z_q = e
-        return z_q.view_as(z).to(z.dtype), codes.view(z.shape[:-1]), z.new_zeros(())
+        return z_q.view_as(z).to(z.dtype), codes.view(z.shape[:-1])
 
     @torch.no_grad()
     def restart_dead(self, flat, codes):
@@ -123,7 +123,7 @@ class FSQ(nn.Module):
         bounded = self.bound(z)
         r = bounded + (bounded.round() - bounded).detach()  # integers in [-L//2, (L-1)//2], straight-through
         codes = ((r.detach() + (self.levels // 2)).long() * self.radix).sum(-1)
-        return self.up(r / (self.levels // 2)), codes, z.new_zeros(())
+        return self.up(r / (self.levels // 2)), codes
 
     def relax(self, z):
         return self.up(self.bound(z) / (self.levels // 2))
@@ -134,7 +134,7 @@ class NoQuant(nn.Module):
     size = restarts = 0
 
     def forward(self, z):
-        return z, None, z.new_zeros(())
+        return z, None
 
     def relax(self, z):
         return z
@@ -253,17 +253,17 @@ class LAM(nn.Module):
         self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
 
     def forward(self, frames, p_relax=0.0):
-        """frames: (B, T, C, H, W) in [-1, 1] -> z (B, T-1, n_tok, d), codes (B, T-1, n_tok), the quantizer's loss.
+        """frames: (B, T, C, H, W) in [-1, 1] -> dict(z (B, T-1, n_tok, d), codes (B, T-1, n_tok) or None).
 
         p_relax > 0 (training only) passes each transition's continuous value (quantizer.relax) instead of
         its quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017). A
         random IDM's codes say nothing about the motion, so a decoder learns to ignore them and the IDM
         gets no gradient that would find it; through the continuous path it does, and the trainer lowers
         p_relax to 0 over the first `relax_anneal` of the LAM's training steps (measured: NOTES.md).
-        Codes, code statistics and the quantizer's loss are always those of the quantized path."""
+        Codes and code statistics are always those of the quantized path."""
         z_e = self.idm(frames)
-        z, codes, quant_loss = self.quantizer(z_e)
+        z, codes = self.quantizer(z_e)
         if self.training and p_relax > 0:
             relax = torch.rand(z_e.shape[:2], device=z_e.device) < p_relax  # (B, T-1): per transition
             z = torch.where(relax[..., None, None], self.quantizer.relax(z_e), z)
-        return dict(z=z, codes=codes, quant_loss=quant_loss)
+        return dict(z=z, codes=codes)

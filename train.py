@@ -191,11 +191,10 @@ class TrainingLoss(nn.Module):
             out = self.lam(x, p_relax)
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
             recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
-            return dict(loss=recon + out['quant_loss'], recon=recon, quant=out['quant_loss'], codes=out['codes'])
-        # warm-up and joint: the flow loss is the IDM's only signal (in the wm phase the quantizer's loss is a
-        # constant: the LAM is frozen)
+            return dict(loss=recon, recon=recon, codes=out['codes'])
+        # warm-up and joint: the flow loss is the IDM's only signal
         flow = flow_loss(self.wm, self.action, x, out['z'], cond_drop)
-        return dict(loss=flow + out['quant_loss'], flow=flow, quant=out['quant_loss'], codes=out['codes'])
+        return dict(loss=flow, flow=flow, codes=out['codes'])
 
 
 def start_phase(phase, old_opt=None):
@@ -326,7 +325,7 @@ for phase, n_steps in schedule:
         if logging and master:
             rec = dict(step=step, phase=phase, loss=loss, lr=opt.param_groups[0]['lr'],
                        ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
-                       **{k: out[k].item() for k in ('flow', 'recon', 'quant') if k in out}, **norms,
+                       **{k: out[k].item() for k in ('flow', 'recon') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
             quantizer = models['lam'].quantizer
             if codes_window and quantizer.size:
