@@ -54,7 +54,7 @@ W = warmup
 SCHEDULES = {  # name -> train.py flags; every one starts from the same pretrained world model
     'init': dict(mode='cola', warmup_steps=0, joint_steps=0),  # the start: no steps (a reference, not a rival)
     'two_stage': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2),
-    # the baseline with the quantizer that suits it best (VQ beat FSQ in stage 1 alone: NOTES.md)
+    # the baseline with soft-to-hard over 60% of its LAM steps, the best two-stage setting found (NOTES.md)
     'two_stage_vq': dict(mode='two_stage', lam_steps=budget // 2, wm_steps=budget - budget // 2, quantizer='vq',
                          relax_anneal=0.6),
     'two_stage_under': dict(mode='two_stage', lam_steps=W, wm_steps=budget - W),  # LAM trained for W only
