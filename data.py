@@ -10,7 +10,7 @@ uint8 frames in a few shard files read with np.memmap, plus index.json saying wh
 A folder is a dataset iff it has index.json, which is written last, so a crash never leaves a half one.
 """
 import argparse, fcntl, json, os, shutil, time, warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 import numpy as np
 import torch
@@ -103,9 +103,14 @@ def prepare_lock(path):
     """Hold an exclusive lock on `path`.lock while `path` is prepared: runs that start on one data folder at
     once queue here, the first prepares, the others wait and then find the finished set. The kernel drops
     an flock when its holder exits, killed or not, so a crashed run never blocks the next one."""
-    with open(path + '.lock', 'w') as f:
+    lock = path + '.lock'
+    with open(lock, 'w') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        yield  # closing f releases the lock
+        yield
+        # done: later runs find the result before they look for the lock. After a failure the file stays, so
+        # that a run waiting on it and one arriving later cannot hold two different locks.
+        with suppress(FileNotFoundError):
+            os.remove(lock)
 
 
 def _pad(x, rows):
