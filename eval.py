@@ -137,7 +137,8 @@ if not real and labelled:
                                        for i in ids]).to(device)  # (N, 2), aligned with the latents
         targets['disp'] = (moves(train_ids[:n_episodes]), moves(val_ids))
     for target, (y_tr, y_val) in targets.items():
-        r2 = {name: cola.ridge_probe(x_tr, y_tr, x_val, y_val, probe_ridge)['r2'] for name, (x_tr, x_val) in feats.items()}
+        r2 = {name: cola.ridge_probe(x_tr, y_tr, x_val, y_val, probe_ridge)['r2']
+              for name, (x_tr, x_val) in feats.items()}
         out.update({f"probe_{'' if name == 'quantized' else name + '_'}{target}_r2": r for name, r in r2.items()})
         print(f"probe R^2 of the {dict(speed='speed |a|', disp='agent displacement')[target]}: "
               + "; ".join(f"{name} {r:.3f}" for name, r in r2.items()))
@@ -179,7 +180,8 @@ out.update(report('', simulate(z)))
 # The shuffle control: each clip driven by its own latent actions in another order in time. What the rollout
 # loses is what the latents say about each transition; a code that holds only something constant over a clip
 # (its speed, say) loses nothing, though it may beat the null action by far.
-out.update(report('shuffled_', simulate(z[:, torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(seed))])))
+shuffle = torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(seed))  # one order for every clip
+out.update(report('shuffled_', simulate(z[:, shuffle])))
 if adapter is not None:
     with torch.inference_mode():
         out.update(report('adapter_', simulate(quantize(adapter(batch['actions'].to(device)))[0])))

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 from model import AttentionPool, Block, patchify, sincos_2d, unpatchify
 
@@ -37,9 +36,9 @@ class LAMConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantizers: each maps z_e (..., d) -> (z_q, codes) with no loss of its own, relax(z_e) gives the continuous value it would
-# quantize (the soft-to-hard start of LAM.forward), `size` is its number of codes and `restarts` counts the
-# codebook entries it re-initialised since the trainer last read (and zeroed) it
+# quantizers: each maps z_e (..., d) -> (z_q, codes) and has no loss of its own; relax(z_e) gives the continuous
+# value it would quantize (the soft-to-hard start of LAM.forward), `size` is its number of codes and `restarts`
+# counts the codebook entries it re-initialised since the trainer last read (and zeroed) it
 
 class VQ(nn.Module):
     """Vector quantizer trained by noise substitution (NSVQ, Vali & Bäckström 2022), as LAPA trains its LAM.
@@ -50,9 +49,9 @@ class VQ(nn.Module):
     straight-through VQ (the vector e, its gradient copied to z_e, plus VQ-VAE's codebook and commitment losses)
     learned nothing through the world model: the flow loss's gradient on the IDM stayed near 1e-4, under the
     commitment loss that pulls z_e onto whichever entry it already has; with noise substitution the same runs
-    learned the action on every seed (NOTES.md). In evaluation the vector is e itself. Entries that no encoder
-    output in a training batch picked move onto random outputs of the batch (restart_dead): without it most
-    of the codebook died through the world model (NOTES.md).
+    learned the action (probe R² 0.54-0.78 over three seeds: NOTES.md). In evaluation the vector is e itself.
+    Entries that no encoder output in a training batch picked move onto random outputs of the batch
+    (restart_dead): without it most of the codebook died through the world model (NOTES.md).
     """
 
     def __init__(self, size, dim):
