@@ -10,7 +10,7 @@ uint8 frames in a few shard files read with np.memmap, plus index.json saying wh
 A folder is a dataset iff it has index.json, which is written last, so a crash never leaves a half one.
 """
 import argparse, fcntl, json, os, shutil, time, warnings
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 
 import numpy as np
 import torch
@@ -98,17 +98,20 @@ def atomic_save(path, write):
     os.replace(tmp, path)
 
 
-@contextmanager
-def prepare_lock(path):
-    """Hold an exclusive lock on `path`.lock while `path` is prepared: runs that start on one data folder at
-    once queue here, the first prepares, the others wait and then find the finished set. The kernel drops
-    an flock when its holder exits, killed or not, so a crashed run never blocks the next one."""
+def prepare_once(path, ready, build):
+    """Make `path` with build() unless ready() says it is made, safe for any number of runs at once: they queue
+    on an flock of `path`.lock, the first builds, the others find it made when their turn comes. The kernel
+    drops an flock when its holder exits, killed or not, so a crashed run never blocks the next one."""
+    if ready():
+        return
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     lock = path + '.lock'
     with open(lock, 'w') as f:
         fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-        # done: later runs find the result before they look for the lock. After a failure the file stays, so
-        # that a run waiting on it and one arriving later cannot hold two different locks.
+        if not ready():  # else another run made it while this one waited
+            build()
+        # made: later runs find it before they look for the lock. After a failure the file stays, so that a
+        # run waiting on it and one arriving later cannot hold two different locks.
         with suppress(FileNotFoundError):
             os.remove(lock)
 
@@ -214,19 +217,17 @@ def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, policy='explore', 
 
 def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore'):
     """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
-    One run builds it (prepare_lock) in a temp dir and renames it into place; runs started beside it wait."""
+    One run builds it (prepare_once); runs started beside it wait for it."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
     out = os.path.join(root, f'sim_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
-    if os.path.exists(os.path.join(out, INDEX)):
-        return out
-    os.makedirs(root, exist_ok=True)
-    with prepare_lock(out):
-        if not os.path.exists(os.path.join(out, INDEX)):  # else another run built it while this one waited
-            tmp = f'{out}.tmp'
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
-            prepare_from_sim(tmp, episodes, T, res, seed, policy)
-            shutil.rmtree(out, ignore_errors=True)  # not a dataset: no index
-            os.replace(tmp, out)
+
+    def build():  # in a temp dir, renamed into place: a half-built dataset never has the final name
+        tmp = f'{out}.tmp'
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
+        prepare_from_sim(tmp, episodes, T, res, seed, policy)
+        shutil.rmtree(out, ignore_errors=True)  # not a dataset: no index
+        os.replace(tmp, out)
+    prepare_once(out, lambda: os.path.exists(os.path.join(out, INDEX)), build)
     return out
 
 
@@ -255,12 +256,8 @@ def resolve_data(data_dir, res, clip_len=None, skip_bad=False, policy='explore',
             return False
         with open(os.path.join(cache, INDEX)) as f:
             return json.load(f)['src_files'] == files
-    if ready():
-        return cache
-    with prepare_lock(cache):
-        if ready():  # another run prepared it while this one waited
-            return cache
-        return prepare(data_dir, cache, res, clip_len, skip_bad, camera=camera, stride=stride)
+    prepare_once(cache, ready, lambda: prepare(data_dir, cache, res, clip_len, skip_bad, camera=camera, stride=stride))
+    return cache
 
 
 # ----------------------------------------------------------------------------- sampling clips

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cola import save_checkpoint, to_model
-from data import prepare_lock
+from data import prepare_once
 
 def state_layout(S):
     """Columns of a state vector of S dims: (agent xy, [block xy, ...]). The built-in simulator's (8,) is agent
@@ -127,10 +127,11 @@ def load_state_probe(sampler, device='cpu', steps=2400):
         print(f"no state probe: the states of {sampler.dir} are not positions in frame widths (columns {cols})")
         return None
     path = os.path.join(sampler.dir, 'state_probe.pt')
-    with prepare_lock(path):  # evaluations started together fit it once
-        if not os.path.isfile(path):
-            print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
-            save_checkpoint(fit_state_probe(sampler, device, steps=steps).state_dict(), path)
+
+    def fit():
+        print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
+        save_checkpoint(fit_state_probe(sampler, device, steps=steps).state_dict(), path)
+    prepare_once(path, lambda: os.path.isfile(path), fit)  # evaluations started together fit it once
     probe = StateProbe().to(device)
     probe.load_state_dict(torch.load(path, map_location=device))
     return probe.eval()

@@ -822,7 +822,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tm
     assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
 
 
-# Several runs started on one fresh data folder: one prepares it (data.prepare_lock), the others wait for it.
+# Several runs started on one fresh data folder: one prepares it (data.prepare_once), the others wait for it.
 PREPARE_AT_ONCE = """
 import hashlib, os, sys, time
 sys.path.insert(0, {here!r})
