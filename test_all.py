@@ -781,6 +781,14 @@ def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     train(out, '--resume', *flags, data_dir=tiny_data)
     a, b = log_of(ref), log_of(out)
     assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in b]
+    # --stop_at: the same, at a step of our choosing; a second stop there trains nothing (experiments.py reruns)
+    at = str(tmp_path / 'at')
+    train(at, *flags, '--stop_at=170', data_dir=tiny_data)
+    assert ckpt(at)['step'] == 170 and ckpt(at)['phase'] == 'warmup'
+    train(at, '--resume', *flags, '--stop_at=170', data_dir=tiny_data)
+    assert ckpt(at)['step'] == 170
+    train(at, '--resume', *flags, data_dir=tiny_data)
+    assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in log_of(at)]
 
 
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
@@ -1186,11 +1194,14 @@ def test_experiments_runner_writes_results_and_resumes(tmp_path):
     runs = {f: json.load(open(res_dir / 'sim' / f)) for f in ('cola_s0.json', 'cola_s1.json', 'two_stage_s0.json')}
     cola_run = runs['cola_s0.json']
     assert [c['phase'] for c in cola_run['curves']] == ['warmup'] * 2 + ['joint'] * 5
-    assert 'eval_warmup' in cola_run and 'eval_warmup' not in runs['two_stage_s0.json']
+    assert sorted(cola_run['eval_at']) == ['2', '4'] and runs['two_stage_s0.json']['eval_at'] == {}
+    assert cola_run['eval_at']['2']['psnr'] != cola_run['eval']['psnr']  # measured at the end of the warm-up
     assert len(cola_run['eval']['probe_r2_per_dim']) == 2 and cola_run['plan']['reach_ours_success'] in (0.0, 1.0)
     assert runs['cola_s0.json']['curves'] != runs['cola_s1.json']['curves']  # seeds differ
     table = open(res_dir / 'results.md').read()
-    assert '| cola | warm-up 2 + joint 5 | 2 |' in table and '| two_stage | LAM 3 + WM 4, VQ | 2 |' in table  # TINY_TRAIN sets --quantizer=vq
+    assert '| cola | warm-up 2 + joint 5 | 2 |' in table and '| two_stage | LAM 3 + WM 4 | 2 |' in table
+    assert '- **joint training beats two-stage**:' in table and '  - probe_r2: cola ' in table  # the verdicts
+    assert 'cola at step 4' in table and 'minutes from scratch' in table  # the 2/3 point; the time of the whole
     assert '| init | none: the pretrained WM, a random IDM | 2 |' in table
     init = json.load(open(res_dir / 'sim' / 'init_s1.json'))
     assert init['curves'] == [] and math.isfinite(init['eval']['psnr_gain_over_null'])  # measured, never trained

@@ -48,6 +48,7 @@ camera = ''             # LeRobot --data: the camera (video feature in meta/info
 frame_stride = 1        # LeRobot --data: keep every Nth frame (for high-fps recordings)
 init_from = ''          # start from this checkpoint's world model (then pretraining is skipped)
 resume = False          # continue out_dir/ckpt.pt exactly where it stopped
+stop_at = 0             # > 0: save and exit after this global step; --resume continues as if never stopped
 log_interval = 10       # steps between log.jsonl records
 ckpt_interval = 250     # steps between checkpoints
 mode = 'cola'           # 'cola' | 'two_stage' | 'pretrain' | 'frozen_lam' | 'actions'
@@ -279,6 +280,9 @@ if master:
 
 # ----------------------------------------------------------------------------------------------------
 # the training loop: one phase after another
+if 0 < stop_at <= step:  # resumed at or past the stop: nothing to train (a rerun after the stop's checkpoint)
+    print(f"step {step} is at or past --stop_at={stop_at}: nothing to train; {ckpt_path} is left as it was")
+    sys.exit(0)
 end, opt = 0, None
 if resumed is not None:  # the optimizer as it was saved, handed on like the end of a phase
     opt, _ = start_phase(resumed['phase'])
@@ -337,7 +341,7 @@ for phase, n_steps in schedule:
             bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))
         if logging:
             t_log, steps_in_window, codes_window = time.time(), 0, []
-        stopping = bool(stop_signal)
+        stopping = bool(stop_signal) or step == stop_at
         if ddp:  # every rank must agree to stop at the same step, or the checkpoint gather would hang
             flag = torch.tensor(float(stopping), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -346,7 +350,8 @@ for phase, n_steps in schedule:
             save(phase, opt)
         if stopping:
             if master:
-                print(f"\nstopped by signal at step {step}; checkpoint saved to {ckpt_path}; --resume continues")
+                print(f"\nstopped {'by signal' if stop_signal else '(--stop_at)'} at step {step}; checkpoint saved "
+                      f"to {ckpt_path}; --resume continues")
             sys.exit(0)
     bar.close()
     if master:
