@@ -22,12 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import cola
+from cola import CoLAWorld
 from configurator import configure
 from data import ClipSampler, prepare_from_sim
 from model import Block
 from sim import PushSim, generate_episode
-from world_model import flow_loss
 
 presets = ('cpu', 'base')
 batch_size = 16           # clips per step at the cpu preset
@@ -58,13 +57,17 @@ def timed(step_fn, n):
     return (time.perf_counter() - t0) / n
 
 
-def cola_step(models, opt, x):
-    """One joint-phase step, as train.py's `joint` phase runs it."""
+def cola_step(model, x):
+    """One joint-phase step of the model's own loss and optimizer (CoLAWorld.forward, configure_optimizers),
+    as train.py runs it, soft-to-hard quantization on."""
+    opt, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda)
+    model.p_relax = 0.5
+
     def step():
         with autocast:
-            out = models['lam'](x)
-            loss = flow_loss(models['wm'], models['action'], x, out['z'], 0.1)
+            loss = model(x, 'joint')['loss']
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -108,15 +111,13 @@ print(f"device {device} ({torch.cuda.get_device_name() if cuda else f'{torch.get
       f"torch {torch.__version__}")
 for name in presets:
     s = dict(preset=name)  # the other settings: the dataclasses' defaults, those of `python train.py`
-    wm_cfg, _ = cola.model_configs(s)
-    models = cola.build(s, device)
-    params = [p for m in models.values() for p in m.parameters()]
-    n_params = sum(p.numel() for p in params)
+    model = CoLAWorld(s).to(device)
+    wm_cfg = model.wm.cfg
+    n_params = sum(p.numel() for p in model.parameters())
     B = batch_size if name == 'cpu' else (base_batch_size or (16 if cuda else 1))
     T, N, D = wm_cfg.n_frames, (wm_cfg.res // wm_cfg.patch) ** 2, wm_cfg.width
     x = torch.rand(B, T, 3, wm_cfg.res, wm_cfg.res, device=device) * 2 - 1
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
-    sec = timed(cola_step(models, opt, x), steps if name == 'cpu' or cuda else max(1, steps // 5))
+    sec = timed(cola_step(model, x), steps if name == 'cpu' or cuda else max(1, steps // 5))
     tokens = B * T * N
     line = f"{name:5s} {n_params / 1e6:7.1f}M params, {B} x {T} frames x {N} tokens: {1000 * sec:9.1f} ms/step, " \
            f"{tokens / sec:10.0f} tokens/s"
@@ -124,7 +125,7 @@ for name in presets:
         # matmul FLOPs: 6 per parameter per token for the IDM and the DiT (the action encoder sees T tokens
         # per clip, negligible), plus attention scores/values: 12 * L * D per token per attention layer
         depth = wm_cfg.depth
-        flops = 6 * (n_params - sum(p.numel() for p in models['action'].parameters())) * tokens \
+        flops = 6 * (n_params - sum(p.numel() for p in model.action.parameters())) * tokens \
             + 2 * depth * 12 * (N + T) * D * tokens
         line += f", MFU {flops / sec / (peak_tflops * 1e12):.1%}"
     else:
@@ -136,4 +137,4 @@ for name in presets:
         n_bare = sum(p.numel() for p in blocks.parameters())
         line += f"; bare transformer {n_bare / 1e6:.1f}M params: {1000 * bare:.1f} ms/step, overhead x{sec / bare:.2f}"
     print(line, flush=True)
-    del models, opt
+    del model

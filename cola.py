@@ -1,20 +1,19 @@
 """
-The CoLA-World system as the programs see it: build the three modules (`wm`, `action`, `lam`) from a
-flat settings dict, save and load checkpoints (names: README, "Files a run writes"), and the measurements the programs share
-(metrics, batched rollouts, the linear probe, the real-action adapter). Used by train.py (its
-end-of-run summary), sample.py, eval.py, plan.py and bench.py.
+CoLA-World, the model: the world model (`wm`), its action conditioning (`action`) and the latent action model
+(`lam`) in one module that owns the training loss of every phase and its optimizer (as nanoGPT's GPT owns
+forward/configure_optimizers), its rollouts, and its checkpoints (names: README, "Files a run writes").
+train.py trains it; sample.py, eval.py and plan.py load it; the measurements are in measure.py.
 """
 import os
-from collections import defaultdict
+from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import ClipSampler, atomic_save, resolve_data
-from lam import LAM, LAMConfig, code_stats
-from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, rollout
+from data import atomic_save, resolve_data, ClipSampler
+from lam import LAM, LAMConfig
+from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout
 
 # settings that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them
 SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'idm_keypoints', 'n_heads', 'act_width', 'act_depth',
@@ -37,11 +36,110 @@ def model_configs(s):
     return wm_cfg, lam_cfg
 
 
-def build(s, device='cpu'):
-    """The three modules of CoLA-World, freshly initialised, as a dict name -> module."""
-    wm_cfg, lam_cfg = model_configs(s)
-    return dict(wm=VideoDiT(wm_cfg).to(device), action=ActionEncoder(wm_cfg).to(device), lam=LAM(lam_cfg).to(device))
+def real_latents(actions, lam_cfg):
+    """Real actions (B, L, A) -> the latent-action slot (B, L, n_tok, d): the action's A numbers in the first
+    channels of token 0, zeros elsewhere. The world model then takes real actions through the very path
+    latent actions take (ActionEncoder's input layer is linear, so this is a learned linear embedding of
+    the real action), with the same weight shapes: --mode=actions checkpoints load wherever CoLA's do."""
+    slot = lam_cfg.n_action_tokens * lam_cfg.action_dim
+    if actions is None or actions.shape[-1] == 0:
+        raise ValueError("--mode=actions needs data with actions (.npz episodes with an 'actions' array)")
+    if actions.shape[-1] > slot:
+        raise ValueError(f"actions have {actions.shape[-1]} dims, more than the latent-action slot's "
+                         f"n_action_tokens x action_dim = {slot}")
+    z = actions.new_zeros(*actions.shape[:-1], slot)
+    z[..., :actions.shape[-1]] = actions
+    return z.view(*actions.shape[:-1], lam_cfg.n_action_tokens, lam_cfg.action_dim)
 
+
+class CoLAWorld(nn.Module):
+    """The three modules of CoLA-World and the loss of each training phase.
+
+    wm      VideoDiT: the video world model, pretrained action-free, frozen during the warm-up
+    action  ActionEncoder: the new modules that condition the world model on latent actions
+    lam     LAM: the IDM and its quantizer (and, in the two-stage baseline, the pixel decoder)
+
+    PHASES says what each phase trains; set_phase freezes the rest. `p_relax` (soft-to-hard quantization: the
+    probability that a transition passes its continuous latent, lam.LAM.forward) is state the trainer sets
+    every step; `cond_drop` (the null action's probability, for classifier-free guidance) is a setting.
+    """
+    MODULES = ('wm', 'action', 'lam')
+    PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
+              'lam': ('lam',), 'wm': ('action', 'wm')}
+
+    def __init__(self, settings):
+        super().__init__()
+        wm_cfg, lam_cfg = model_configs(settings)
+        self.wm, self.action, self.lam = VideoDiT(wm_cfg), ActionEncoder(wm_cfg), LAM(lam_cfg)
+        self.cond_drop = settings.get('cond_drop', 0.1)
+        self.p_relax = 0.0
+
+    def forward(self, x, phase, real_actions=None):
+        """The loss of one training step. x: (B, T, 3, H, W) in [-1, 1]; real_actions (B, T-1, A): the dataset's
+        actions in place of latent ones (--mode=actions), else None -> dict(loss, its parts, codes)."""
+        if phase == 'pretrain' or real_actions is not None:  # the world model alone: no actions, or the real ones
+            action, z = (None, None) if real_actions is None else (self.action, real_latents(real_actions, self.lam.cfg))
+            flow = flow_loss(self.wm, action, x, z, self.cond_drop)
+            return dict(loss=flow, flow=flow)
+        with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
+            out = self.lam(x, self.p_relax)
+        if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
+            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
+            return dict(loss=recon, recon=recon, codes=out['codes'])
+        # warm-up and joint: the flow loss is the IDM's only signal
+        flow = flow_loss(self.wm, self.action, x, out['z'], self.cond_drop)
+        return dict(loss=flow, flow=flow, codes=out['codes'])
+
+    def set_phase(self, phase):
+        """Train the modules of `phase`; freeze the others (requires_grad off, eval mode). Returns the
+        parameters that train, in a fixed order."""
+        for name in self.MODULES:
+            getattr(self, name).requires_grad_(name in self.PHASES[phase]).train(name in self.PHASES[phase])
+        return [p for name in self.PHASES[phase] for p in getattr(self, name).parameters()]
+
+    def configure_optimizers(self, phase, lr, weight_decay=0.0, fused=False, old=None):
+        """set_phase, then AdamW over what trains. The AdamW state of parameters that `old` (the previous
+        phase's optimizer) already trained is carried over, so warm-up -> joint does not reset the LAM's."""
+        params = self.set_phase(phase)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=fused)
+        if old is not None:
+            for p in params:
+                if p in old.state:
+                    opt.state[p] = old.state[p]
+        return opt, params
+
+    @torch.inference_mode()
+    def latent_actions(self, clips):
+        """The IDM's latent actions for every transition of clips (B, L, 3, H, W), L of any length: the IDM sees
+        windows of the length it was trained on (consecutive windows share a frame), then the quantizer.
+        Returns dict(z_e (B, L-1, n_tok, d) before quantization, z the quantized latent actions, codes
+        (B, L-1, n_tok) or None for continuous actions)."""
+        win, L = self.lam.cfg.max_frames, clips.shape[1]
+        z_e = torch.cat([self.lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
+        z, codes = self.lam.quantizer(z_e)
+        return dict(z_e=z_e, z=z, codes=codes)
+
+    @torch.inference_mode()
+    def simulate(self, clips, z, n_steps=2, cfg_scale=1.0, seed=0):
+        """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
+        actions z (B, L-1, n_tok, d), or by the null action when z is None. Returns all L frames, context
+        first; the noise comes from a generator seeded with `seed`, so a rollout is reproducible."""
+        return rollout(self.wm, self.action, clips[:, :self.wm.cfg.n_context], z, total=clips.shape[1],
+                       n_steps=n_steps, cfg_scale=cfg_scale, generator=torch.Generator(clips.device).manual_seed(seed))
+
+
+def to_model(frames, device='cpu'):
+    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1] on device."""
+    return frames.to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1)
+
+
+def to_uint8(x):
+    """float (B, T, 3, H, W) in [-1, 1] -> uint8 numpy (B, T, H, W, 3), for GIFs."""
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------------------------
+# checkpoints: a dict with one state dict per module (MODULES), `config` (every setting), `step`, `phase`
 
 def save_checkpoint(ckpt, path):
     """torch.save through data.atomic_save: a crash never leaves a half-written ckpt.pt."""
@@ -56,7 +154,7 @@ def load_checkpoint(path, device='cpu'):
         ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e})") from None
-    missing = [k for k in ('wm', 'action', 'lam', 'config', 'step', 'phase') if k not in ckpt]
+    missing = [k for k in (*CoLAWorld.MODULES, 'config', 'step', 'phase') if k not in ckpt]
     if missing:
         raise ValueError(f"checkpoint {path} lacks {missing}: not a CoLA-World checkpoint")
     return ckpt
@@ -77,250 +175,29 @@ def check_compatible(ckpt, s, path, modules=('wm', 'lam')):
         raise ValueError(f"checkpoint {path} has an incompatible config ({'; '.join(sorted(set(bad)))})")
 
 
+def load_model(path, device='cpu'):
+    """Checkpoint -> (CoLAWorld in eval mode, settings dict). The EMA world model is used when saved."""
+    ckpt = load_checkpoint(path, device)
+    model = CoLAWorld(ckpt['config']).to(device)
+    try:
+        for name in CoLAWorld.MODULES:
+            getattr(model, name).load_state_dict(ckpt[name])
+        if ckpt.get('ema_wm'):
+            model.wm.load_state_dict(ckpt['ema_wm'])
+    except RuntimeError as e:  # written by another version of the code
+        raise ValueError(f"checkpoint {path} does not fit this code's modules: {str(e).splitlines()[0]}") from None
+    return model.eval(), ckpt['config']
+
+
 def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', frame_stride=0):
-    """What sample.py, eval.py and plan.py start from: the checkpoint's modules and settings, its world
-    model's config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on).
-    Clips have n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is
-    read with `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
-    models, settings = load_models(ckpt, device)
-    wm_cfg, _ = model_configs(settings)
+    """What sample.py, eval.py and plan.py start from: the checkpoint's model and settings, its world model's
+    config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on). Clips have
+    n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is read with
+    `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
+    model, settings = load_model(ckpt, device)
+    wm_cfg = model.wm.cfg
     data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
                             policy=settings.get('policy', 'explore'),
                             camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
     clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
-    return models, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
-
-
-def load_models(path, device='cpu', use_ema=True):
-    """Checkpoint -> (modules dict in eval mode, settings dict). The EMA world model is used when saved."""
-    ckpt = load_checkpoint(path, device)
-    models = build(ckpt['config'], device)
-    try:
-        for name, m in models.items():
-            m.load_state_dict(ckpt[name])
-            m.eval()
-        if use_ema and ckpt.get('ema_wm'):
-            models['wm'].load_state_dict(ckpt['ema_wm'])
-    except RuntimeError as e:  # written by another version of the code
-        raise ValueError(f"checkpoint {path} does not fit this code's modules: {str(e).splitlines()[0]}") from None
-    return models, ckpt['config']
-
-
-# ----------------------------------------------------------------------------------------------------
-# measurements: metrics, batched rollouts, the linear probe and the real-action adapter. Used by train.py
-# (summary), sample.py, eval.py and plan.py; everything here takes and returns batched tensors.
-
-def to_model(frames, device='cpu'):
-    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1] on device."""
-    return frames.to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1)
-
-
-def to_uint8(x):
-    """float (B, T, 3, H, W) in [-1, 1] -> uint8 numpy (B, T, H, W, 3), for GIFs."""
-    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
-
-
-def psnr(a, b):
-    """Per-frame PSNR in dB of clips in [-1, 1], (B, T, C, H, W) -> (B, T); identical frames give 100 dB
-    (a cap, so averages stay finite)."""
-    mse = ((a - b) / 2).square().flatten(2).mean(-1)
-    return (10 * torch.log10(1.0 / mse.clamp(min=1e-10))).clamp(max=100.0)
-
-
-def ssim(a, b, data_range=2.0, win=11, sigma=1.5):
-    """Per-frame SSIM (Wang et al. 2004) of clips in [-1, 1], (B, T, C, H, W) -> (B, T).
-
-    Local statistics under an 11x11 Gaussian window (sigma 1.5, population variances), K1 = 0.01,
-    K2 = 0.03, the SSIM map averaged over the valid region (no padding) and the channels: the same as
-    skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False, channel_axis=...).
-    """
-    B, T, C, H, W = a.shape
-    g = torch.exp(-(torch.arange(win, dtype=torch.float64) - win // 2).square() / (2 * sigma ** 2))
-    g = (g / g.sum()).to(a)
-    kernel = (g[:, None] * g[None]).expand(5 * C, 1, win, win)
-    x, y = a.reshape(B * T, C, H, W), b.reshape(B * T, C, H, W)
-    # the five local moments in one grouped convolution: E[x], E[y], E[x^2], E[y^2], E[xy]
-    mx, my, mxx, myy, mxy = F.conv2d(torch.cat([x, y, x * x, y * y, x * y], 1), kernel, groups=5 * C).chunk(5, 1)
-    vx, vy, cov = mxx - mx * mx, myy - my * my, mxy - mx * my
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    s = (2 * mx * my + c1) * (2 * cov + c2) / ((mx * mx + my * my + c1) * (vx + vy + c2))
-    return s.flatten(1).mean(1).view(B, T)
-
-
-def scores(gen, clips, n_context):
-    """Per-horizon-step PSNR and SSIM of generated clips against the truth, batch-averaged: two lists of
-    length L - n_context (the context frames are given, not scored)."""
-    g, c = gen[:, n_context:], clips[:, n_context:]
-    return psnr(g, c).mean(0).tolist(), ssim(g, c).mean(0).tolist()
-
-
-def copy_last(clips, n_context):
-    """The copy-last-frame baseline: the last context frame repeated over the horizon, (B, L, ...)."""
-    return torch.cat([clips[:, :n_context], clips[:, n_context - 1:n_context].expand_as(clips[:, n_context:])], 1)
-
-
-@torch.inference_mode()
-def latent_actions(lam, clips):
-    """The IDM's latent actions for every transition of clips (B, L, 3, H, W), L of any length: the IDM
-    sees windows of the length it was trained on (consecutive windows share a frame), then the quantizer.
-    Returns dict(z_e (B, L-1, n_tok, d) before quantization, z the quantized latent actions, codes
-    (B, L-1, n_tok) or None for continuous actions)."""
-    win, L = lam.cfg.max_frames, clips.shape[1]
-    z_e = torch.cat([lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
-    z, codes = lam.quantizer(z_e)
-    return dict(z_e=z_e, z=z, codes=codes)
-
-
-def episode_latents(lam, sampler, ids, device='cpu', chunk=16):
-    """The IDM's outputs and the true actions of every transition of the episodes `ids` of a ClipSampler,
-    batched by episode length (eval.py's probe and adapter, plan.py's adapter): two lists, one entry per
-    episode, z_e (T-1, n_tok, d) and actions (T-1, A) or None."""
-    eps = [e for e in map(sampler.get_episode, ids) if len(e['frames']) >= 2]
-    z_e = [None] * len(eps)
-    groups = defaultdict(list)  # length -> positions in eps
-    for k, e in enumerate(eps):
-        groups[len(e['frames'])].append(k)
-    for group in groups.values():
-        for c in range(0, len(group), chunk):
-            part = group[c:c + chunk]
-            clips = to_model(torch.from_numpy(np.stack([eps[k]['frames'] for k in part])), device)
-            for k, z in zip(part, latent_actions(lam, clips)['z_e']):
-                z_e[k] = z
-    actions = [None if e['actions'] is None else torch.from_numpy(e['actions']).to(device) for e in eps]
-    return z_e, actions
-
-
-@torch.inference_mode()
-def simulate(models, clips, z, n_steps=2, cfg_scale=1.0, seed=0):
-    """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
-    actions z (B, L-1, n_tok, d), or by the null action when z is None. Returns all L frames, context
-    first; the noise comes from a generator seeded with `seed`, so a rollout is reproducible."""
-    nc = models['wm'].cfg.n_context
-    return rollout(models['wm'], models['action'], clips[:, :nc], z, total=clips.shape[1], n_steps=n_steps,
-                   cfg_scale=cfg_scale, generator=torch.Generator(clips.device).manual_seed(seed))
-
-
-def rollout_psnr(models, clips, null=False, n_steps=2, cfg_scale=1.0, seed=0, actions=None):
-    """train.py's summary: roll out with the IDM's latent actions inferred from the ground truth, or with
-    the real `actions` (B, L-1, A) when given (--mode=actions), or with the null action when `null`.
-    Returns per-step PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames,
-    and the codes."""
-    nc, z, codes = models['wm'].cfg.n_context, None, None
-    if actions is not None:
-        z = real_latents(actions, models['lam'].cfg)
-    elif not null:
-        acts = latent_actions(models['lam'], clips)
-        z, codes = acts['z'], acts['codes']
-    gen = simulate(models, clips, z, n_steps, cfg_scale, seed)
-    return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
-                psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),
-                frames=gen, codes=codes)
-
-
-def real_latents(actions, lam_cfg):
-    """Real actions (B, L, A) -> the latent-action slot (B, L, n_tok, d): the action's A numbers in the first
-    channels of token 0, zeros elsewhere. The world model then takes real actions through the very path
-    latent actions take (ActionEncoder's input layer is linear, so this is a learned linear embedding of
-    the real action), with the same weight shapes: --mode=actions checkpoints load wherever CoLA's do."""
-    slot = lam_cfg.n_action_tokens * lam_cfg.action_dim
-    if actions is None or actions.shape[-1] == 0:
-        raise ValueError("--mode=actions needs data with actions (.npz episodes with an 'actions' array)")
-    if actions.shape[-1] > slot:
-        raise ValueError(f"actions have {actions.shape[-1]} dims, more than the latent-action slot's "
-                         f"n_action_tokens x action_dim = {slot}")
-    z = actions.new_zeros(*actions.shape[:-1], slot)
-    z[..., :actions.shape[-1]] = actions
-    return z.view(*actions.shape[:-1], lam_cfg.n_action_tokens, lam_cfg.action_dim)
-
-
-def codebook_health(codes, size):
-    """code_stats with a readable one-line form for summaries; codes may be None (continuous actions)."""
-    if codes is None:
-        return {}, 'continuous latent actions (no codebook)'
-    st = code_stats(codes, size)
-    return st, (f"codebook: {st['code_util']:.0%} of {size} entries used, max entry {st['code_max']:.0%}, "
-                f"entropy {st['code_entropy']:.2f}, perplexity {st['code_perplexity']:.1f}")
-
-
-def ridge_probe(x_train, y_train, x_test, y_test, ridge=1e-3):
-    """The paper's linear probe of latent-action quality, in closed form: fit y = x W + b by ridge
-    regression on the training pairs, score on the held-out ones. x: (N, ...) features, y: (N, A).
-
-    The penalty is `ridge` times the mean eigenvalue of the centred Gram matrix, so it does not depend on
-    the scale of the latents, plus a tiny floor: constant latents (a collapsed codebook) then predict the
-    training mean instead of amplified round-off. Returns dict(l1: mean absolute error (the paper's
-    metric), r2: 1 - SS_res / SS_tot averaged over action dimensions, r2_per_dim: the same per dimension,
-    l1_mean: the L1 of always predicting the training mean)."""
-    x, y = x_train.flatten(1).double(), y_train.double()
-    xt, yt = x_test.flatten(1).double(), y_test.double()
-    mx, my = x.mean(0), y.mean(0)
-    xc = x - mx
-    gram = xc.T @ xc
-    penalty = ridge * gram.diagonal().mean() + 1e-8 * len(x)
-    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    W = torch.linalg.solve(gram + penalty * eye, xc.T @ (y - my))
-    return probe_scores((xt - mx) @ W + my, yt, my)
-
-
-def probe_scores(pred, y, y_train_mean):
-    """L1, R² (mean and per dimension) of held-out predictions pred (N, A) against y (N, A)."""
-    pred, y = pred.double(), y.double()
-    r2 = 1 - (pred - y).square().sum(0) / (y - y.mean(0)).square().sum(0).clamp(min=1e-12)
-    return dict(l1=(pred - y).abs().mean().item(), r2=r2.mean().item(), r2_per_dim=r2.tolist(),
-                l1_mean=(y - y_train_mean.double()).abs().mean().item())
-
-
-def mlp_probe(x_train, y_train, x_test, y_test, hidden=128, steps=1000, lr=3e-3, seed=0):
-    """A small non-linear probe: a 2-hidden-layer MLP fit full batch (Adam) on standardised features and
-    targets, scored on the held-out pairs like ridge_probe. Where it beats the linear probe, the latent holds
-    the action but not linearly (e.g. FSQ's grid, whose linear span has only len(levels) dims per token)."""
-    torch.manual_seed(seed)
-    x, xt = x_train.flatten(1).float().clone(), x_test.flatten(1).float().clone()  # may come from inference_mode
-    y = y_train.float().clone()
-    mx, sx, my, sy = x.mean(0), x.std(0).clamp(min=1e-6), y.mean(0), y.std(0).clamp(min=1e-6)
-    net = nn.Sequential(nn.Linear(x.shape[1], hidden), nn.SiLU(), nn.Linear(hidden, hidden), nn.SiLU(),
-                        nn.Linear(hidden, y.shape[1])).to(x.device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.mse_loss(net((x - mx) / sx), (y - my) / sy)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        pred = net((xt - mx) / sx) * sy + my
-    return probe_scores(pred, y_test, my)
-
-
-class Adapter(nn.Module):
-    """Real action (..., A) -> continuous latent action (..., n_tok, d): the paper's 2-layer MLP adapter.
-    Its output goes through the LAM's own quantizer, so the world model gets a valid latent action."""
-
-    def __init__(self, action_dim, n_tok, dim, hidden=256):
-        super().__init__()
-        self.n_tok, self.dim = n_tok, dim
-        self.net = nn.Sequential(nn.Linear(action_dim, hidden), nn.SiLU(), nn.Linear(hidden, n_tok * dim))
-
-    def forward(self, a):
-        return self.net(a).unflatten(-1, (self.n_tok, self.dim))
-
-
-def train_adapter(actions, z_e, steps=500, lr=3e-3, seed=0):
-    """Fit an Adapter on labelled transitions, full batch: actions (N, A) -> the IDM's output z_e (N, n_tok, d).
-
-    The target is z_e, before quantization: quantizing it gives back exactly the IDM's latent action, for
-    every quantizer (VQ's nearest entry, FSQ's rounding), so the adapter lands where the quantizer expects.
-    Returns (adapter in eval mode, the loss at every step)."""
-    torch.manual_seed(seed)
-    actions, z_e = actions.float().clone(), z_e.float().clone()  # ordinary tensors: may come from inference_mode
-    adapter = Adapter(actions.shape[1], *z_e.shape[1:]).to(actions.device)
-    opt = torch.optim.Adam(adapter.parameters(), lr=lr)
-    losses = []
-    with torch.enable_grad():
-        for _ in range(steps):
-            loss = F.mse_loss(adapter(actions), z_e)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    return adapter.eval(), losses
+    return model, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)

@@ -4,6 +4,7 @@
     python data.py --env=pusht --out_dir=DIR --episodes=N                       # PushT (pusht.py) -> .npz
     python data.py prepare --src=DIR --out_dir=DIR --res=R [--skip_bad]         # any folder -> shards
     python data.py --format=lerobot --out_dir=DIR --episodes=N                  # a LeRobot v3.0 dataset (lerobot.py)
+    python data.py --format=lerobot-images --out_dir=DIR --episodes=N           # the same, PNG frames in parquet
 
 Every source (simulator, .npz folders, videos, LeRobot datasets) ends up "prepared" the nanoGPT way: raw
 uint8 frames in a few shard files read with np.memmap, plus index.json saying where each episode lives.
@@ -215,9 +216,10 @@ def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, policy='explore', 
     return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed}, policy={policy})')
 
 
-def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore'):
-    """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
-    One run builds it (prepare_once); runs started beside it wait for it."""
+def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore', probe_steps=2400):
+    """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache, with its state probe
+    (probe_steps steps, as eval.py's state_probe_steps); returns its dir. One run builds it (prepare_once); runs
+    started beside it wait for it."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
     out = os.path.join(root, f'sim_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
 
@@ -225,6 +227,9 @@ def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='expl
         tmp = f'{out}.tmp'
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
         prepare_from_sim(tmp, episodes, T, res, seed, policy)
+        # eval.py's instrument for object positions, fitted now (minutes on a CPU) rather than in the first eval.py
+        import state_probe  # here: it imports the model's file, which imports this one
+        state_probe.load_state_probe(ClipSampler(tmp, 2), 'cuda' if torch.cuda.is_available() else 'cpu', probe_steps)
         shutil.rmtree(out, ignore_errors=True)  # not a dataset: no index
         os.replace(tmp, out)
     prepare_once(out, lambda: os.path.exists(os.path.join(out, INDEX)), build)
@@ -331,17 +336,19 @@ class ClipSampler:
 def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', policy='explore', format='npz'):
     """Episodes of the built-in simulator (env='sim', under `policy`) or of PushT ('pusht') as
     ep_XXXXXX.npz files (frames, actions, states; n_blocks for sim), each written atomically, or (format=
-    'lerobot') as a LeRobot v3.0 dataset at 10 fps (lerobot.write_dataset)."""
+    'lerobot') as a LeRobot v3.0 dataset at 10 fps (lerobot.write_dataset); 'lerobot-images' keeps the frames as
+    PNG images in the parquet instead of a video (LeRobot's use_videos=False)."""
     if env == 'pusht':
         generate = lambda s: generate_pusht_episode(s, T, res)
     else:
         generate = lambda s: generate_episode(s, T, res, policy)
-    if format == 'lerobot':
+    if format.startswith('lerobot'):
         import lerobot  # here, not at the top: it needs pyarrow and av
         eps = (generate(episode_seed(seed, i)) for i in tqdm(range(episodes), desc=f'writing {out_dir}'))
-        codec = lerobot.write_dataset(out_dir, eps)
-        print(f"wrote a LeRobot v3.0 dataset, video {codec}" + ('' if 'av1' in codec else
-              " (this PyAV build has no AV1 encoder)") + f": {out_dir}")
+        codec = lerobot.write_dataset(out_dir, eps, videos=format == 'lerobot')
+        print(f"wrote a LeRobot v3.0 dataset, {'video' if format == 'lerobot' else 'images'} {codec}"
+              + ('' if codec == 'png' or 'av1' in codec else " (this PyAV build has no AV1 encoder)")
+              + f": {out_dir}")
         return
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):
@@ -361,10 +368,10 @@ def main(argv=None):
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--T', type=int, default=48)
     p.add_argument('--res', type=int, default=64)
-    p.add_argument('--format', choices=['npz', 'lerobot'], default='npz',
-                   help='generate: .npz files or a LeRobot v3.0 dataset')
+    p.add_argument('--format', choices=['npz', 'lerobot', 'lerobot-images'], default='npz',
+                   help='generate: .npz files, a LeRobot v3.0 dataset (video), or one with PNG images in parquet')
     p.add_argument('--src', help='prepare: folder of .npz/.mp4/.webm/.gif episodes, or a LeRobot dataset')
-    p.add_argument('--camera', default='', help="prepare, LeRobot: the video feature ('' = the first)")
+    p.add_argument('--camera', default='', help="prepare, LeRobot: the camera, a video or image feature ('' = the first)")
     p.add_argument('--frame_stride', type=int, default=1, help='prepare, LeRobot: keep every Nth frame')
     p.add_argument('--clip_len', type=int, default=None, help='prepare: refuse shorter episodes')
     p.add_argument('--skip_bad', type=flag, nargs='?', const=True, default=False)

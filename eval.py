@@ -1,5 +1,5 @@
 """
-Measure a CoLA-World checkpoint as the paper does, in one command (6 seconds for the CPU default run):
+Measure a CoLA-World checkpoint as the paper does, in one command (under a minute for the CPU default run):
 
   python eval.py --ckpt=out/ckpt.pt
   python eval.py --ckpt=out/ckpt.pt --data=/path/to/episodes --n_clips=64 --horizon=20
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import cola
+import measure
 import state_probe
 from configurator import configure, fail
 
@@ -55,10 +56,10 @@ configure(globals(), sys.argv[1:])
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 t_start = time.time()
 try:
-    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
+    model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
-nc, lam, size = wm_cfg.n_context, models['lam'], models['lam'].quantizer.size
+nc, lam, size = wm_cfg.n_context, model.lam, model.lam.quantizer.size
 rnd = lambda v: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)
 mean = lambda xs: sum(xs) / len(xs)
 
@@ -73,7 +74,7 @@ def quantize(z_e):
 def report(prefix, gen):
     """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim, and with a state probe the
     objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
-    p, s = cola.scores(gen, clips, nc)
+    p, s = measure.scores(gen, clips, nc)
     out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
     if locator is not None:
         for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
@@ -93,21 +94,21 @@ labelled, adapter = sampler.actions is not None, None
 if not real:
     val_ids = sampler.episodes('val')[:n_episodes]
     train_ids = sampler.episodes('train')[:max(n_episodes, adapter_episodes)]  # the adapter's are the first ones
-    ze_val, a_val = cola.episode_latents(lam, sampler, val_ids, device)
+    ze_val, a_val = measure.episode_latents(model, sampler, val_ids, device)
     ze_val = torch.cat(ze_val)  # (N, n_tok, d), every held-out transition
     z_val, codes_val = quantize(ze_val)
     if codes_val is not None:
-        stats, line = cola.codebook_health(codes_val, size)
+        stats, line = measure.codebook_health(codes_val, size)
         out.update(stats)
         print(f"held-out {line}")
     if not labelled:
         print("no true actions in this data: no linear probe, no adapter")
 if not real and labelled:
     a_val = torch.cat(a_val)
-    ze_train, a_train = cola.episode_latents(lam, sampler, train_ids, device)
+    ze_train, a_train = measure.episode_latents(model, sampler, train_ids, device)
     ze_tr, a_tr = torch.cat(ze_train[:n_episodes]), torch.cat(a_train[:n_episodes])
     z_tr, codes_tr = quantize(ze_tr)
-    probe = cola.ridge_probe(z_tr, a_tr, z_val, a_val, probe_ridge)
+    probe = measure.ridge_probe(z_tr, a_tr, z_val, a_val, probe_ridge)
     out.update(probe_l1=probe['l1'], probe_r2=probe['r2'], probe_r2_per_dim=probe['r2_per_dim'],
                probe_l1_mean=probe['l1_mean'])
     print(f"linear probe latent -> true action ({min(n_episodes, len(ze_train))} train / {len(val_ids)} held-out "
@@ -116,11 +117,11 @@ if not real and labelled:
     # linear in len(levels) grid coordinates per token, VQ's gives each entry a free 32-d vector. One-hot codes
     # give both the same capacity; the IDM's output before quantization shows what the bottleneck lost; an MLP
     # on the quantized vector tells "the action is there" from "it is linearly readable".
-    fair = dict(pre=cola.ridge_probe(ze_tr, a_tr, ze_val, a_val, probe_ridge),
-                mlp=cola.mlp_probe(z_tr, a_tr, z_val, a_val, seed=seed))
+    fair = dict(pre=measure.ridge_probe(ze_tr, a_tr, ze_val, a_val, probe_ridge),
+                mlp=measure.mlp_probe(z_tr, a_tr, z_val, a_val, seed=seed))
     if codes_val is not None:
         onehot = lambda c: torch.nn.functional.one_hot(c, size).flatten(1).float()  # (N, n_tok * size)
-        fair['onehot'] = cola.ridge_probe(onehot(codes_tr), a_tr, onehot(codes_val), a_val, probe_ridge)
+        fair['onehot'] = measure.ridge_probe(onehot(codes_tr), a_tr, onehot(codes_val), a_val, probe_ridge)
     for name, p in fair.items():
         out.update({f'probe_{name}_r2': p['r2'], f'probe_{name}_r2_per_dim': p['r2_per_dim']})
     print("probe R^2 per action dim: quantized " + ', '.join(f"{r:.3f}" for r in probe['r2_per_dim']) + "; "
@@ -137,7 +138,7 @@ if not real and labelled:
                                        for i in ids]).to(device)  # (N, 2), aligned with the latents
         targets['disp'] = (moves(train_ids[:n_episodes]), moves(val_ids))
     for target, (y_tr, y_val) in targets.items():
-        r2 = {name: cola.ridge_probe(x_tr, y_tr, x_val, y_val, probe_ridge)['r2']
+        r2 = {name: measure.ridge_probe(x_tr, y_tr, x_val, y_val, probe_ridge)['r2']
               for name, (x_tr, x_val) in feats.items()}
         out.update({f"probe_{'' if name == 'quantized' else name + '_'}{target}_r2": r for name, r in r2.items()})
         print(f"probe R^2 of the {dict(speed='speed |a|', disp='agent displacement')[target]}: "
@@ -146,13 +147,13 @@ if not real and labelled:
     # ------------------------------------------------------------------------------------------------
     # 2. real-action adaptation: real action -> adapter -> the LAM's quantizer -> world model (rolled out in 3.)
     n_ad = min(adapter_episodes, len(ze_train))
-    adapter, losses = cola.train_adapter(torch.cat(a_train[:n_ad]), torch.cat(ze_train[:n_ad]), adapter_steps, seed=seed)
+    adapter, losses = measure.train_adapter(torch.cat(a_train[:n_ad]), torch.cat(ze_train[:n_ad]), adapter_steps, seed=seed)
     out.update(adapter_episodes=n_ad, adapter_loss=losses[-1])
     print(f"adapter fit on {n_ad} labelled episodes: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     with torch.inference_mode():
         codes_ad = quantize(adapter(a_val))[1]  # the adapter's codes over the held-out transitions
     if codes_ad is not None:
-        stats, line = cola.codebook_health(codes_ad, size)
+        stats, line = measure.codebook_health(codes_ad, size)
         out.update({f'adapter_{k}': v for k, v in stats.items()})
         print(f"adapter {line}")
 
@@ -171,11 +172,11 @@ print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} gen
       f"{sample_steps} Euler steps, guidance {cfg_scale}")
 # Every condition is rolled out by its own call with the same seed: the clips share their sampling noise
 # across conditions (common random numbers), so "PSNR - null" is exactly 0 for a model that ignores actions.
-simulate = lambda z: cola.simulate(models, clips, z, sample_steps, cfg_scale, seed)
+simulate = lambda z: model.simulate(clips, z, sample_steps, cfg_scale, seed)
 if real:  # --mode=actions: the rollout driven by the clip's own real actions
     z = cola.real_latents(batch['actions'].to(device), lam.cfg)
 else:
-    z = cola.latent_actions(lam, clips)['z']  # (n_clips, L-1, n_tok, d)
+    z = model.latent_actions(clips)['z']  # (n_clips, L-1, n_tok, d)
 out.update(report('', simulate(z)))
 # The shuffle control: each clip driven by its own latent actions in another order in time. What the rollout
 # loses is what the latents say about each transition; a code that holds only something constant over a clip
@@ -186,7 +187,7 @@ if adapter is not None:
     with torch.inference_mode():
         out.update(report('adapter_', simulate(quantize(adapter(batch['actions'].to(device)))[0])))
 out.update(report('null_', simulate(None)))
-out.update(report('copy_', cola.copy_last(clips, nc)))
+out.update(report('copy_', measure.copy_last(clips, nc)))
 out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']
 out['psnr_gain_over_shuffled'] = out['psnr'] - out['shuffled_psnr']
 cols = [(name, p) for name, p in (('real' if real else 'latent', ''), ('shuffled', 'shuffled_'), ('adapter', 'adapter_'),

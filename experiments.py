@@ -45,7 +45,7 @@ train_args = ''         # extra train.py flags for every run (sizes: world_model
 eval_args = '--n_clips=16'
 plan_args = '--n_tasks=4'  # tasks per family (reach, push) and run; PushT runs are not planned (see the README)
 plan_envs = 'sim'       # environments whose runs are planned
-episodes = 300          # PushT episodes recorded (the simulator's built-in dataset has 300)
+episodes = 300          # PushT episodes recorded (the built-in simulator's dataset has 1000)
 workers = 2             # jobs at once
 threads = 0             # torch threads per job; 0 = cpu_count // workers
 device = ''             # passed to every job; '' = cuda if available

@@ -8,18 +8,21 @@ templates (`data_path`, `video_path`) say where everything is:
   v3.0  data/chunk-000/file-000.parquet                  many episodes per file; meta/episodes/chunk-000/
         videos/CAMERA/chunk-000/file-000.mp4             file-000.parquet says which files hold each one,
                                                          and where it starts and ends in the video (seconds)
-One camera (a `video` feature) becomes the frames; the `action` and `observation.state` columns, one row per
-frame, become the actions (the last row dropped: CoLA-World has T-1 actions for T frames) and the states.
+One camera becomes the frames: a `video` feature, or an `image` feature, whose frames are PNG/JPEG bytes in a
+column of the data parquet (LeRobot's use_videos=False). The `action` and `observation.state` columns, one row
+per frame, become the actions (the last row dropped: CoLA-World has T-1 actions for T frames) and the states.
 Nothing here imports the lerobot package: parquet goes through pyarrow and video through PyAV
 (requirements-lerobot.txt), both imported only when a LeRobot dataset is read or written.
 """
 import glob
 import importlib
+import io
 import json
 import math
 import os
 
 import numpy as np
+from PIL import Image
 
 INFO = os.path.join('meta', 'info.json')
 VERSIONS = ('v2.0', 'v2.1', 'v3.0')  # v2.0 has v2.1's layout (v2.1 only added per-episode stats)
@@ -150,21 +153,22 @@ class Source:
             raise ValueError(f"{path}: unknown codebase_version {self.version!r} (this reads {', '.join(VERSIONS)})")
         if not isinstance(stride, int) or stride < 1:
             raise ValueError(f"--frame_stride must be a whole number >= 1, got {stride!r}")
-        cams = [k for k, v in features.items() if v.get('dtype') == 'video']
+        cams = [k for k, v in features.items() if v.get('dtype') in ('video', 'image')]
         if not cams:
-            raise ValueError(f"{path}: no video features (image datasets keep frames in parquet; not read here)")
+            raise ValueError(f"{path}: no camera (a feature of dtype video or image)")
         if camera and camera not in cams:
-            raise ValueError(f"--camera={camera} is not a video feature of {root}; it has {', '.join(cams)}")
+            raise ValueError(f"--camera={camera} is not a camera of {root}; it has {', '.join(cams)}")
         self.camera, self.stride = camera or cams[0], stride
+        self.image = features[self.camera]['dtype'] == 'image'  # frames in the data parquet, not in a video
         self.columns = [c for c in (ACTION, STATE) if c in features]
         self.tag = f"_{self.camera}" + (f"_stride{stride}" if stride > 1 else '')  # names the prepared copy
         try:
-            data_path, video_path = info['data_path'], info['video_path']
+            data_path, video_path = info['data_path'], None if self.image else info['video_path']
             self.episodes = (self._v30 if self.version == 'v3.0' else self._v21)(info, data_path, video_path)
         except (KeyError, IndexError) as e:
             raise ValueError(f"{path}: its path templates or episode metadata lack {e}") from None
         self.names = [f"episode_{e['index']:06d}" for e in self.episodes]
-        used = sorted({INFO} | self.meta | {e[k] for e in self.episodes for k in ('data', 'video')})
+        used = sorted({INFO} | self.meta | {e[k] for e in self.episodes for k in ('data', 'video') if e[k]})
         self.files = [f"{f}:{os.path.getsize(os.path.join(root, f)) if os.path.exists(os.path.join(root, f)) else -1}"
                       for f in used]
         self._video, self._table = _Video(), (None, None)
@@ -183,7 +187,8 @@ class Source:
             i = int(e['episode_index'])
             where = dict(episode_chunk=i // chunk, episode_index=i)
             out.append(dict(index=i, length=e.get('length'), data=data_path.format(**where),
-                            video=video_path.format(video_key=self.camera, **where), t0=-math.inf, t1=math.inf))
+                            video=video_path and video_path.format(video_key=self.camera, **where),
+                            t0=-math.inf, t1=math.inf))
         return out
 
     def _v30(self, info, data_path, video_path):
@@ -192,8 +197,8 @@ class Source:
             raise ValueError(f"{os.path.join(self.root, 'meta', 'episodes')}: no episode metadata (*.parquet)")
         self.meta = {os.path.relpath(m, self.root) for m in metas}
         v = f'videos/{self.camera}/'
-        keys = ['episode_index', 'length', 'data/chunk_index', 'data/file_index', v + 'chunk_index', v + 'file_index',
-                v + 'from_timestamp', v + 'to_timestamp']
+        keys = ['episode_index', 'length', 'data/chunk_index', 'data/file_index'] + (
+            [] if self.image else [v + 'chunk_index', v + 'file_index', v + 'from_timestamp', v + 'to_timestamp'])
         out = []
         for m in metas:
             t = _columns(m, keys)
@@ -205,10 +210,11 @@ class Source:
                 c = {k: cols[k][r] for k in keys}
                 out.append(dict(index=int(c['episode_index']), length=int(c['length']),
                                 data=data_path.format(chunk_index=c['data/chunk_index'],
-                                                      file_index=c['data/file_index']),
-                                video=video_path.format(video_key=self.camera, chunk_index=c[v + 'chunk_index'],
-                                                        file_index=c[v + 'file_index']),
-                                t0=float(c[v + 'from_timestamp']), t1=float(c[v + 'to_timestamp'])))
+                                                      file_index=c['data/file_index']), video=None, t0=0, t1=0))
+                if not self.image:
+                    out[-1].update(video=video_path.format(video_key=self.camera, chunk_index=c[v + 'chunk_index'],
+                                                           file_index=c[v + 'file_index']),
+                                   t0=float(c[v + 'from_timestamp']), t1=float(c[v + 'to_timestamp']))
         return sorted(out, key=lambda e: e['index'])
 
     def _rows(self, e):
@@ -216,11 +222,16 @@ class Source:
         episodes and is read once for all of them."""
         path = os.path.join(self.root, e['data'])
         if self._table[0] != path:
-            t = _columns(path, ['episode_index', 'frame_index'] + self.columns)
-            missing = [c for c in self.columns + ['episode_index'] if c not in t.column_names]
+            images = [self.camera] if self.image else []
+            t = _columns(path, ['episode_index', 'frame_index'] + self.columns + images)
+            missing = [c for c in self.columns + images + ['episode_index'] if c not in t.column_names]
             if missing:
                 raise ValueError(f"{path}: no column {missing[0]!r}")
             cols = {c: _array(t, c, path) for c in self.columns}
+            if self.image:  # Hugging Face's Image feature: a struct of the encoded file's bytes and its path
+                col = t.column(self.camera).combine_chunks()
+                cols['image'] = np.array(list(zip(col.field('bytes').to_pylist(), col.field('path').to_pylist())),
+                                         dtype=object)
             cols['episode_index'] = t.column('episode_index').to_numpy().ravel()
             cols['frame_index'] = (t.column('frame_index').to_numpy().ravel() if 'frame_index' in t.column_names
                                    else np.arange(t.num_rows))
@@ -228,7 +239,14 @@ class Source:
         cols = self._table[1]
         rows = np.flatnonzero(cols['episode_index'] == e['index'])
         rows = rows[np.argsort(cols['frame_index'][rows], kind='stable')]
-        return path, {c: cols[c][rows] for c in self.columns}, len(rows)
+        return path, {c: cols[c][rows] for c in cols if c not in ('episode_index', 'frame_index')}, len(rows)
+
+    def _decode(self, data, rel, path):
+        """One image of an image feature: its encoded bytes, or without them the file at its path -> (H, W, 3) uint8."""
+        try:
+            return np.asarray(Image.open(io.BytesIO(data) if data else os.path.join(self.root, rel)).convert('RGB'))
+        except Exception as e:  # PIL's errors come in many types; all mean "bad image"
+            raise ValueError(f"{path}: an image of column {self.camera!r} cannot be read: {type(e).__name__}: {e}") from e
 
     def load(self, k, convert=lambda f: f):
         """Episode k: dict(frames (T,H,W,3) uint8 through convert, actions (T-1,A) or None, states (T,S) or
@@ -237,11 +255,15 @@ class Source:
         path, rows, n = self._rows(e)
         if n == 0 or (e['length'] is not None and n != e['length']):
             raise ValueError(f"{path}: episode {e['index']} has {n} rows, but the metadata says {e['length']}")
-        h = 0.5 / self.fps  # frame times are i / fps from the episode's start: the window takes half a frame's slack
-        video = os.path.join(self.root, e['video'])
-        frames, decoded = self._video.window(video, e['t0'] - h, e['t1'] - h, s, convert)
-        if decoded != n:
-            raise ValueError(f"{video}: episode {e['index']} has {decoded} frames in the video but {n} rows in {path}")
+        if self.image:
+            video = path
+            frames = [convert(self._decode(b, p, path)) for b, p in rows['image'][::s]]
+        else:
+            h = 0.5 / self.fps  # frame times are i / fps from the episode's start: the window takes half a frame's slack
+            video = os.path.join(self.root, e['video'])
+            frames, decoded = self._video.window(video, e['t0'] - h, e['t1'] - h, s, convert)
+            if decoded != n:
+                raise ValueError(f"{video}: episode {e['index']} has {decoded} frames in the video but {n} rows in {path}")
         m = len(frames)
         if m < 2:
             raise ValueError(f"{video}: episode {e['index']} keeps {m} frame at --frame_stride={s}; it needs 2")
@@ -291,32 +313,57 @@ class _Encoder:
         self.c.close()
 
 
-def _write_table(path, cols):
+def _write_table(path, cols, index=None):
     """dict of name -> list or (N, ...) array as one parquet file; 2-d float arrays become fixed-size lists, as
-    LeRobot (through Hugging Face datasets) stores its vectors."""
+    LeRobot (through Hugging Face datasets) stores its vectors, and lists of PNG bytes the struct of Hugging
+    Face's Image feature. `index` (a list) is written as a pandas DataFrame's index (pandas' own metadata, without
+    pandas): LeRobot v3.0 reads meta/tasks.parquet with pandas and takes each task's string from the index."""
     pa, pq = _lib('pyarrow'), _lib('pyarrow.parquet')
     arrays = {}
     for k, v in cols.items():
         if isinstance(v, np.ndarray) and v.ndim == 2:
             arrays[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.astype(np.float32).ravel()), v.shape[1])
+        elif len(v) and isinstance(v[0], bytes):
+            arrays[k] = pa.StructArray.from_arrays([pa.array(list(v), pa.binary()), pa.nulls(len(v), pa.string())],
+                                                   ['bytes', 'path'])
         else:
             arrays[k] = pa.array(v)
+    table = pa.table(arrays)
+    if index is not None:
+        table = table.append_column('__index_level_0__', pa.array(index))
+        kind = lambda t: 'unicode' if pa.types.is_string(t) else str(t)
+        meta = dict(index_columns=['__index_level_0__'], column_indexes=[], pandas_version='2.0.0',
+                    columns=[dict(name=None if k == '__index_level_0__' else k, field_name=k, metadata=None,
+                                  pandas_type=kind(table.schema.field(k).type),
+                                  numpy_type='object' if pa.types.is_string(table.schema.field(k).type)
+                                  else str(table.schema.field(k).type)) for k in table.column_names])
+        table = table.replace_schema_metadata({b'pandas': json.dumps(meta).encode()})
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    pq.write_table(pa.table(arrays), path)
+    pq.write_table(table, path)
+
+
+def png(frame):
+    """(H, W, 3) uint8 -> PNG bytes (lossless: an image dataset reads back exactly)."""
+    buf = io.BytesIO()
+    Image.fromarray(frame).save(buf, format='PNG')
+    return buf.getvalue()
 
 
 def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='observation.image',
-                  episodes_per_file=50, task='push the blocks'):
+                  episodes_per_file=50, task='push the blocks', videos=True):
     """Write episodes (dicts: frames (T,H,W,3) uint8, actions (T-1,A), states (T,S); either may be missing) as a
-    LeRobot dataset at root; returns the encoder used. v3.0 puts episodes_per_file episodes in each video file
+    LeRobot dataset at root; returns the encoder used ('png' with videos=False: the frames are PNG images in the
+    data parquet, as LeRobot's use_videos=False keeps them). v3.0 puts episodes_per_file episodes in each video file
     and four times as many in each data file (LeRobot splits by size, and parquet rows are small), so the reader
     must not assume they line up. meta/info.json is written last: a crash leaves no dataset."""
     if version not in ('v2.1', 'v3.0'):
         raise ValueError(f"version must be v2.1 or v3.0, got {version!r}")
     if is_lerobot(root):
         raise ValueError(f"{root} already holds a LeRobot dataset; write to another folder")
-    codec, v3 = pick_codec(codec), version == 'v3.0'
+    codec, v3 = pick_codec(codec) if videos else 'png', version == 'v3.0'
     data_tpl, video_tpl = (V30_DATA, V30_VIDEO) if v3 else (V21_DATA, V21_VIDEO)
+    if not videos:
+        video_tpl = None
     metas, rows, video, shape, dims, total = [], [], None, None, {}, 0
 
     def flush_rows(path):
@@ -333,30 +380,34 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
             r[ACTION] = np.concatenate([ep['actions'], np.zeros_like(ep['actions'][:1])]).astype(np.float32)
         if ep.get('states') is not None:
             r[STATE] = np.asarray(ep['states'], np.float32)
+        if not videos:
+            r[camera] = np.array([png(f) for f in frames], dtype=object)
         dims.update({k: r[k].shape[1] for k in (ACTION, STATE) if k in r})
         meta = dict(episode_index=i, tasks=[task], length=T, dataset_from_index=total, dataset_to_index=total + T)
         if v3:
             vf, df = divmod(i // episodes_per_file, CHUNK), divmod(i // (4 * episodes_per_file), CHUNK)
-            if i % episodes_per_file == 0:
-                if video:
-                    video.close()
-                video = _Encoder(os.path.join(root, video_tpl.format(video_key=camera, chunk_index=vf[0],
-                                                                     file_index=vf[1])), codec, fps, *shape[:2])
             meta.update({'data/chunk_index': df[0], 'data/file_index': df[1],
-                         f'videos/{camera}/chunk_index': vf[0], f'videos/{camera}/file_index': vf[1],
-                         f'videos/{camera}/from_timestamp': video.frames / fps,
-                         f'videos/{camera}/to_timestamp': (video.frames + T) / fps,
                          'meta/episodes/chunk_index': 0, 'meta/episodes/file_index': 0})
-            video.add(frames)
+            if videos:
+                if i % episodes_per_file == 0:
+                    if video:
+                        video.close()
+                    video = _Encoder(os.path.join(root, video_tpl.format(video_key=camera, chunk_index=vf[0],
+                                                                         file_index=vf[1])), codec, fps, *shape[:2])
+                meta.update({f'videos/{camera}/chunk_index': vf[0], f'videos/{camera}/file_index': vf[1],
+                             f'videos/{camera}/from_timestamp': video.frames / fps,
+                             f'videos/{camera}/to_timestamp': (video.frames + T) / fps})
+                video.add(frames)
             rows.append(r)
             if (i + 1) % (4 * episodes_per_file) == 0:
                 flush_rows(os.path.join(root, data_tpl.format(chunk_index=df[0], file_index=df[1])))
         else:
             where = dict(episode_chunk=i // CHUNK, episode_index=i)
-            video = _Encoder(os.path.join(root, video_tpl.format(video_key=camera, **where)), codec, fps, *shape[:2])
-            video.add(frames)
-            video.close()
-            video = None
+            if videos:
+                video = _Encoder(os.path.join(root, video_tpl.format(video_key=camera, **where)), codec, fps, *shape[:2])
+                video.add(frames)
+                video.close()
+                video = None
             rows.append(r)
             flush_rows(os.path.join(root, data_tpl.format(**where)))
         metas.append(meta)
@@ -370,7 +421,7 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
     if v3:
         cols = {k: [m[k] for m in metas] for k in metas[0]}
         _write_table(os.path.join(root, V30_EPISODES.format(chunk_index=0, file_index=0)), cols)
-        _write_table(os.path.join(root, 'meta', 'tasks.parquet'), dict(task_index=[0], task=[task]))
+        _write_table(os.path.join(root, 'meta', 'tasks.parquet'), dict(task_index=[0]), index=[task])
     else:
         os.makedirs(os.path.join(root, 'meta'), exist_ok=True)
         with open(os.path.join(root, 'meta', 'episodes.jsonl'), 'w') as f:
@@ -383,6 +434,8 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
                                    'video.codec': 'av1' if 'av1' in codec else 'h264',
                                    'video.pix_fmt': 'yuv420p', 'video.is_depth_map': False, 'video.fps': fps,
                                    'video.channels': 3, 'has_audio': False})}
+    if not videos:
+        features[camera] = dict(dtype='image', shape=[H, W, 3], names=['height', 'width', 'channels'])
     features.update({k: dict(dtype='float32', shape=[d], names=None) for k, d in dims.items()})
     features.update({k: dict(dtype=t, shape=[1], names=None) for k, t in
                      (('timestamp', 'float32'), ('frame_index', 'int64'), ('episode_index', 'int64'),
@@ -393,7 +446,7 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
     if v3:
         info.update(data_files_size_in_mb=100, video_files_size_in_mb=200)
     else:
-        info.update(total_chunks=(len(metas) - 1) // CHUNK + 1, total_videos=len(metas))
+        info.update(total_chunks=(len(metas) - 1) // CHUNK + 1, total_videos=len(metas) if videos else 0)
     with open(os.path.join(root, INFO) + '.tmp', 'w') as f:
         json.dump(info, f, indent=2)
     os.replace(os.path.join(root, INFO) + '.tmp', os.path.join(root, INFO))

@@ -126,6 +126,7 @@ class STBlock(nn.Module):
     world model. The spatial attention sees relative positions only (2-D rotary embeddings on an
     n_side x n_side grid of patches).
     """
+    N_MOD = 9  # modulation vectors per block: (shift, scale, gate) for the spatial, temporal and MLP sub-layers
 
     def __init__(self, dim, n_heads, n_side, mlp_ratio=4.0):
         super().__init__()
@@ -135,7 +136,7 @@ class STBlock(nn.Module):
         self.temporal = Attention(dim, n_heads)
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 9 * dim))
+        self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.N_MOD * dim))
         nn.init.zeros_(self.adaLN[1].weight)
         nn.init.zeros_(self.adaLN[1].bias)
 
@@ -143,14 +144,15 @@ class STBlock(nn.Module):
         """x: (B, T, N, D); c: (B, T, D); mod_add: (B, T, 9*D) or None."""
         B, T, N, D = x.shape
         mod = self.adaLN(c) if mod_add is None else self.adaLN(c) + mod_add
-        m = mod[:, :, None].chunk(9, dim=-1)  # 9 x (B, T, 1, D)
+        (shift_sp, scale_sp, gate_sp, shift_tm, scale_tm, gate_tm,
+         shift_mlp, scale_mlp, gate_mlp) = mod[:, :, None].chunk(self.N_MOD, dim=-1)  # each (B, T, 1, D)
         # spatial: frames are independent sequences of N patches
-        h = modulate(self.norm1(x), m[0], m[1]).reshape(B * T, N, D)
-        x = x + m[2] * self.spatial(h).reshape(B, T, N, D)
+        h = modulate(self.norm1(x), shift_sp, scale_sp).reshape(B * T, N, D)
+        x = x + gate_sp * self.spatial(h).reshape(B, T, N, D)
         # temporal: each patch position is a sequence of T frames, causal so the past never sees the future
-        h = rearrange(modulate(self.norm2(x), m[3], m[4]), 'b t n d -> (b n) t d')
-        x = x + m[5] * rearrange(self.temporal(h, causal=True), '(b n) t d -> b t n d', b=B)
-        return x + m[8] * self.mlp(modulate(self.norm3(x), m[6], m[7]))
+        h = rearrange(modulate(self.norm2(x), shift_tm, scale_tm), 'b t n d -> (b n) t d')
+        x = x + gate_tm * rearrange(self.temporal(h, causal=True), '(b n) t d -> b t n d', b=B)
+        return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))
 
 
 class TimestepEmbedder(nn.Module):

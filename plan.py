@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 import cola
+import measure
 from configurator import configure, fail
 from pusht import PushT
 from sim import ACTION_DIM, ExplorePolicy, PushSim
@@ -117,13 +118,13 @@ class Planner:
 # ----------------------------------------------------------------------------------------------------
 # models: the world model (ours) and the environment itself (oracle), each a cost over action sequences
 
-def world_model_cost(models, adapter, obs, done, goal, sample_steps=2, cfg_scale=1.0, gen=None):
+def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=1.0, gen=None):
     """The cost of action sequences under the world model, from the observed frames obs (list of (R, R, 3)
     uint8, last n_context used; done: the real actions between them, (len(obs) - 1, A)) to the goal frame
     (R, R, 3). With an adapter, the observed transitions keep the IDM's own latent actions and the planned
     ones go adapter -> the LAM's quantizer, as in eval.py; without one (a --mode=actions checkpoint) real
     actions go into the latent-action slot, cola.real_latents."""
-    wm, lam = models['wm'], models['lam']
+    wm, lam = model.wm, model.lam
     nc, dev = wm.cfg.n_context, wm.pos_time.device
     ctx = cola.to_model(torch.from_numpy(np.stack(obs[-nc:]))[None], dev)  # (1, nc, 3, R, R)
     encode = (lambda a: cola.real_latents(a, lam.cfg)) if adapter is None else (lambda a: lam.quantizer(adapter(a))[0])
@@ -132,14 +133,14 @@ def world_model_cost(models, adapter, obs, done, goal, sample_steps=2, cfg_scale
     elif adapter is None:
         z_ctx = encode(torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
     else:
-        z_ctx = cola.latent_actions(lam, ctx)['z']  # (1, nc-1, n_tok, d)
+        z_ctx = model.latent_actions(ctx)['z']  # (1, nc-1, n_tok, d)
     goal_x = cola.to_model(torch.from_numpy(goal)[None, None], dev)  # (1, 1, 3, R, R)
 
     @torch.inference_mode()
     def cost(a):
         z_plan = encode(a.to(dev))  # (N, H, n_tok, d)
         z = torch.cat([z_ctx.expand(len(a), -1, -1, -1), z_plan], 1)  # (N, nc-1+H, n_tok, d)
-        frames = rollout(wm, models['action'], ctx.expand(len(a), -1, -1, -1, -1), z, n_steps=sample_steps,
+        frames = rollout(wm, model.action, ctx.expand(len(a), -1, -1, -1, -1), z, n_steps=sample_steps,
                          cfg_scale=cfg_scale, generator=gen)[:, nc:]  # (N, H, 3, R, R)
         return (frames - goal_x).square().mean((1, 2, 3, 4)).cpu(), frames
     return cost
@@ -291,16 +292,16 @@ def main():
     if bad:
         fail(f"unknown {sorted(bad)}: --tasks takes reach, push, pusht; --planners ours, random, oracle")
     try:
-        models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed, camera=camera, frame_stride=frame_stride)
+        model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed, camera=camera, frame_stride=frame_stride)
         res, nc = wm_cfg.res, wm_cfg.n_context
         if 'pusht' in families:
             PushT(res)  # fails here, not after an hour of planning, when gym-pusht is absent
         adapter = None  # a --mode=actions checkpoint plans with real actions directly
         if 'ours' in names and settings['mode'] != 'actions':  # the real-action adapter, fit as eval.py fits it
-            z_e, acts = cola.episode_latents(models['lam'], sampler, sampler.episodes('train')[:adapter_episodes], dev)
+            z_e, acts = measure.episode_latents(model, sampler, sampler.episodes('train')[:adapter_episodes], dev)
             if acts[0] is None:
                 raise ValueError(f"{sampler.dir} has no actions: the adapter needs labelled episodes")
-            adapter, losses = cola.train_adapter(torch.cat(acts), torch.cat(z_e), adapter_steps, seed=seed)
+            adapter, losses = measure.train_adapter(torch.cat(acts), torch.cat(z_e), adapter_steps, seed=seed)
             print(f"adapter fit on {len(z_e)} labelled episodes: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
@@ -316,7 +317,7 @@ def main():
         planner = None if name == 'random' else Planner(method, horizon, ACTION_DIM, n_samples, n_iters, noise_std,
                                                         smoothing, temperature, elite_frac, run_seed)
         gen = torch.Generator(dev).manual_seed(run_seed)
-        make_cost = (lambda o, d, g: world_model_cost(models, adapter, o, d, g, sample_steps, cfg_scale, gen)) \
+        make_cost = (lambda o, d, g: world_model_cost(model, adapter, o, d, g, sample_steps, cfg_scale, gen)) \
             if name == 'ours' else (lambda o, d, g: simulator_cost(task.sim, g))
         r, obs, pred, times = run_episode(task, planner, make_cost, max_steps, exec_steps, nc,
                                           np.random.default_rng(run_seed))

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import cola
+import measure
 import state_probe
 from configurator import configure, fail
 from lam import FSQ, VQ
@@ -54,10 +55,10 @@ configure(globals(), sys.argv[1:])
 
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 try:
-    models, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
+    model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
-nc, quantizer = wm_cfg.n_context, models['lam'].quantizer
+nc, quantizer = wm_cfg.n_context, model.lam.quantizer
 os.makedirs(out_dir, exist_ok=True)
 gifs = []
 
@@ -96,12 +97,12 @@ clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon,
 real = settings['mode'] == 'actions'
 if real and batch['actions'] is None:
     fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
-z = (cola.real_latents(batch['actions'].to(device), models['lam'].cfg) if real
-     else cola.latent_actions(models['lam'], clips)['z'])  # (n_clips, L-1, n_tok, d)
-gen = cola.simulate(models, clips, z, sample_steps, cfg_scale, seed)
-copy = cola.copy_last(clips, nc)
-p, s = cola.scores(gen, clips, nc)
-p_copy, s_copy = cola.scores(copy, clips, nc)
+z = (cola.real_latents(batch['actions'].to(device), model.lam.cfg) if real
+     else model.latent_actions(clips)['z'])  # (n_clips, L-1, n_tok, d)
+gen = model.simulate(clips, z, sample_steps, cfg_scale, seed)
+copy = measure.copy_last(clips, nc)
+p, s = measure.scores(gen, clips, nc)
+p_copy, s_copy = measure.scores(copy, clips, nc)
 print(f"{ckpt} ({settings['mode']}): {n_clips} held-out clips of {sampler.dir}, {nc} context + {horizon} generated "
       f"frames, driven by the {'real' if real else 'latent'} actions")
 mean = lambda xs: sum(xs) / len(xs)
@@ -125,7 +126,7 @@ for k in range(n_clips):
 # action transfer: clip k's latent actions drive the first frames of clip k+1
 if n_clips >= 2:
     target = torch.arange(1, n_clips + 1) % n_clips
-    moved = cola.to_uint8(cola.simulate(models, clips[target], z, sample_steps, cfg_scale, seed))
+    moved = cola.to_uint8(model.simulate(clips[target], z, sample_steps, cfg_scale, seed))
     write_gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,7 +138,7 @@ else:
     n_tok = z.shape[2]
     z_tour = torch.cat([z[:1, :nc - 1].expand(len(codebook), -1, -1, -1),
                         codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
-    tour = rollout(models['wm'], models['action'], clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour,
+    tour = rollout(model.wm, model.action, clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour,
                    n_steps=sample_steps, cfg_scale=cfg_scale, generator=torch.Generator(device).manual_seed(seed))
     cols = math.ceil(math.sqrt(len(codebook)))
     rows = math.ceil(len(codebook) / cols)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import cola
 import data
+import measure
 import plan
 import pusht
 import state_probe
@@ -137,7 +138,7 @@ def test_fresh_idm_already_reads_the_move_from_keypoints():
                             max_frames=2, idm_keypoints=k)
             with torch.no_grad():
                 z = LAM(cfg).eval().idm(x)[:, 0]
-            r2[k] = cola.ridge_probe(z[:800], move[:800].float(), z[800:], move[800:].float())['r2']
+            r2[k] = measure.ridge_probe(z[:800], move[:800].float(), z[800:], move[800:].float())['r2']
         assert r2[16] > 0.4 and r2[16] > r2[0] + 0.2, (seed, r2)
 
 
@@ -204,6 +205,7 @@ def test_dit_is_causal_in_time():
     assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-5) and not torch.allclose(y[:, 3], y2[:, 3])
 
 
+@pytest.mark.slow
 def test_action_alignment():
     """Action k (transition k -> k+1) conditions frame k+1: changing it changes only frames >= k+1."""
     torch.manual_seed(0)
@@ -220,6 +222,7 @@ def test_action_alignment():
         assert not torch.allclose(y[:, k + 1], y2[:, k + 1]), f"action {k} did not reach frame {k + 1}"
 
 
+@pytest.mark.slow
 def test_flow_loss_falls_when_overfitting():
     torch.manual_seed(0)
     wm, act = tiny_wm()
@@ -360,6 +363,7 @@ def test_blocked_block_stops_the_agent():
 # ----------------------------------------------------------------------------------------------------
 # data.py
 
+@pytest.mark.slow
 def test_cli_writes_npz_episodes(tmp_path):
     out = tmp_path / 'eps'
     subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), f'--out_dir={out}', '--episodes', '2',
@@ -483,10 +487,11 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
 
 
 def test_default_dataset_is_cached(tmp_path):
-    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path))
+    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path), probe_steps=5)
     mtime = os.path.getmtime(os.path.join(a, 'index.json'))
     assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
     assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
+    assert os.path.isfile(os.path.join(a, 'state_probe.pt'))  # fitted with the data: eval.py's first run is not slower
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
     assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 16, 16, 3)
 
@@ -547,6 +552,37 @@ def test_lerobot_layouts_read_back(lerobot_sets):
         assert np.allclose(ep['actions'], ref['actions'][:10].reshape(5, 2, 2).mean(1))
 
 
+def test_lerobot_tasks_come_back_from_the_index(lerobot_sets):
+    """LeRobot v3.0 reads meta/tasks.parquet with pandas and takes each task's string from the table's index."""
+    pd = pytest.importorskip('pandas')
+    tasks = pd.read_parquet(os.path.join(lerobot_sets[1], 'meta', 'tasks.parquet'))
+    assert tasks.index.tolist() == ['push the blocks'] and tasks.columns.tolist() == ['task_index']
+    assert tasks.iloc[0].name == 'push the blocks' and tasks.loc['push the blocks', 'task_index'] == 0
+
+
+@pytest.mark.slow
+def test_lerobot_images_in_parquet_read_back_and_train(tmp_path):
+    """LeRobot's use_videos=False: PNG frames in the data parquet (Hugging Face's Image struct), both layouts;
+    read back exactly (PNG is lossless), strided, and trained on."""
+    pytest.importorskip('pyarrow')
+    import lerobot
+    eps = [generate_episode(data.episode_seed(5, i), 8 + i, 16) for i in range(4)]
+    for version in ('v3.0', 'v2.1'):
+        root = str(tmp_path / version)
+        assert lerobot.write_dataset(root, iter(eps), version=version, videos=False) == 'png'
+        info = json.load(open(os.path.join(root, 'meta/info.json')))
+        assert info['features']['observation.image']['dtype'] == 'image' and not os.path.exists(os.path.join(root, 'videos'))
+        src = lerobot.Source(root)
+        for k in (2, 0, 3):
+            ep = src.load(k)
+            assert np.array_equal(ep['frames'], eps[k]['frames']) and np.array_equal(ep['actions'], eps[k]['actions'])
+        assert np.array_equal(lerobot.Source(root, stride=2).load(1)['frames'], eps[1]['frames'][::2])
+    out = str(tmp_path / 'run')
+    train(out, '--pretrain_steps=1', '--warmup_steps=1', '--joint_steps=1', '--eval_clips=0', data_dir=str(tmp_path / 'v3.0'))
+    assert ckpt(out)['step'] == 3
+
+
+@pytest.mark.slow
 def test_lerobot_train_and_eval(lerobot_sets, tmp_path):
     """train.py on each layout (CoLA on v3.0, real actions on v2.1), eval.py's probe against the parquet actions."""
     eps, v30, v21, _ = lerobot_sets
@@ -564,6 +600,7 @@ def test_lerobot_train_and_eval(lerobot_sets, tmp_path):
     assert ckpt(str(tmp_path / 'act'))['step'] == 2
 
 
+@pytest.mark.slow
 def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
     import shutil
     import lerobot
@@ -578,7 +615,7 @@ def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
     shutil.copy(mismatch / 'videos/chunk-000/observation.image/episode_000002.mp4',
                 mismatch / 'videos/chunk-000/observation.image/episode_000000.mp4')
     cases = [([f'--data={version}'], "unknown codebase_version 'v9.9'"),
-             ([f'--data={v30}', '--camera=wrist'], '--camera=wrist is not a video feature'),
+             ([f'--data={v30}', '--camera=wrist'], '--camera=wrist is not a camera of'),
              ([f'--data={missing}'], 'episode_000003.mp4: missing video'),
              ([f'--data={mismatch}'], 'episode 0 has 12 frames in the video but 10 rows in')]
     for flags, msg in cases:
@@ -603,6 +640,7 @@ def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # pusht.py
 
+@pytest.mark.slow
 @needs_pusht
 def test_pusht_recording_aligns_frames_and_actions(tmp_path):
     ep = pusht.generate_pusht_episode(3, T=12, noise=0)
@@ -676,6 +714,7 @@ def pretrained(tiny_data, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path):
     out = str(tmp_path)
     train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=0', data_dir=tiny_data)
@@ -683,7 +722,8 @@ def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path
     assert warm['phase'] == 'warmup' and warm['step'] == 3
     assert same(warm['wm'], pre['wm']), "warm-up changed the world model"
     torch.manual_seed(0)
-    fresh = {k: m.state_dict() for k, m in cola.build(warm['config']).items()}
+    built = cola.CoLAWorld(warm['config'])
+    fresh = {k: getattr(built, k).state_dict() for k in cola.CoLAWorld.MODULES}
     assert same(fresh['lam'], pre['lam']) and same(fresh['action'], pre['action'])  # the start we compare to
     assert not same(warm['lam'], fresh['lam']) and not same(warm['action'], fresh['action'])
     for rec in log_of(out):
@@ -702,6 +742,7 @@ def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path
     assert [r['p_relax'] for r in log_of(out)] == pytest.approx(want)
 
 
+@pytest.mark.slow
 def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
     out = str(tmp_path)
     train(out, '--mode=two_stage', f'--init_from={pretrained}/ckpt.pt', '--lam_steps=2', '--wm_steps=0',
@@ -717,6 +758,7 @@ def test_two_stage_freezes_lam_in_second_stage(tiny_data, pretrained, tmp_path):
     assert all(r['grad_lam'] == 0 for r in log_of(out) if r['phase'] == 'wm')
 
 
+@pytest.mark.slow
 def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_path):
     """The paper's Fig. 4b control: warm-up as in CoLA, then the LAM stays frozen while the WM trains."""
     out, flags = str(tmp_path), ['--mode=frozen_lam', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=2']
@@ -731,6 +773,7 @@ def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_
     assert all(r['grad_lam'] == 0 and r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'wm')
 
 
+@pytest.mark.slow
 def test_actions_mode_trains_the_world_model_on_real_actions_with_ema(tiny_data, pretrained, tmp_path):
     """--mode=actions: the WM and action encoder learn from the real actions at actions_lr, the LAM is never
     touched; with ema_decay the checkpoint's ema_wm is the running average of the WM's weights."""
@@ -739,7 +782,7 @@ def test_actions_mode_trains_the_world_model_on_real_actions_with_ema(tiny_data,
           '--actions_lr=3e-3', data_dir=tiny_data)
     pre, act = ckpt(pretrained), ckpt(out)
     torch.manual_seed(0)
-    fresh = cola.build(act['config'])['lam'].state_dict()
+    fresh = cola.CoLAWorld(act['config']).lam.state_dict()
     assert act['phase'] == 'wm' and same(act['lam'], fresh) and not same(act['wm'], pre['wm'])
     assert [(r['lr'], r['grad_lam']) for r in log_of(out)] == [(3e-3, 0)] and log_of(out)[0]['grad_action'] > 0
     for k, v in act['ema_wm'].items():  # one step at decay 0.5: halfway between the start and the trained weights
@@ -759,6 +802,7 @@ def test_dataclass_defaults_are_the_default_run():
     assert all(getattr(WMConfig(), k) == v for k, v in PRESETS['cpu'].items())
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     """An uninterrupted run and one stopped by SIGTERM then resumed log identical losses (CPU, same seed)."""
     import signal
@@ -791,6 +835,7 @@ def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in log_of(at)]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     out = str(tmp_path)
     # gradient accumulation syncs the ranks' gradients on the last micro-batch only: their weights must agree
@@ -802,6 +847,7 @@ def test_torchrun_two_processes_gloo(tiny_data, tmp_path):
     assert [r['step'] for r in log_of(out)] == list(range(1, 7))  # one record per optimizer step, not per micro-batch
 
 
+@pytest.mark.slow
 def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
     cases = [(['--bogus=1'], 'unknown flag --bogus'),
              (['--data=/no/such/dir'], 'no such folder'),
@@ -814,6 +860,7 @@ def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
         assert 'Traceback' not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
     """--init_from loads `wm` alone, so another quantizer may start from the same pretrained world model."""
     train(str(tmp_path), f'--init_from={pretrained}/ckpt.pt', '--quantizer=fsq', '--fsq_levels=(4, 2)',
@@ -821,6 +868,7 @@ def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
     assert same(ckpt(str(tmp_path))['wm'], ckpt(pretrained)['wm'])
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):
     out = str(tmp_path)
     r = train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=20', '--joint_steps=0', '--lr=1e30',
@@ -847,6 +895,7 @@ print(len(sampler.index), digest.hexdigest())
 """
 
 
+@pytest.mark.slow
 def test_runs_started_together_prepare_one_folder_once(tmp_path):
     folder = str(tmp_path / 'eps')
     data.write_episodes(folder, 40, seed=5, T=48, res=64)
@@ -877,6 +926,7 @@ data.resolve_data({folder!r}, 16)
 """
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_path):
     folder, marker = str(tmp_path / 'eps'), str(tmp_path / 'preparing')
     data.write_episodes(folder, 12, seed=5, T=12, res=32)
@@ -896,6 +946,7 @@ def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_pat
 # ----------------------------------------------------------------------------------------------------
 # cola.py: the measurements the programs share
 
+@pytest.mark.slow
 def test_save_checkpoint_is_safe_for_concurrent_writers(tmp_path):
     """Two processes saving the same file at once (two evaluations caching one state probe, as experiments.py
     runs them) both succeed and leave a whole file: each writes its own temporary name before the rename."""
@@ -912,16 +963,17 @@ def test_probe_recovers_linear_map_and_not_noise():
     g = torch.Generator().manual_seed(0)
     actions = torch.rand(3000, 2, generator=g) * 2 - 1
     latents = (actions @ torch.randn(2, 16, generator=g) + 0.5).view(-1, 2, 8)  # a known linear map, (N, n_tok, d)
-    fit = cola.ridge_probe(latents[:2000], actions[:2000], latents[2000:], actions[2000:])
+    fit = measure.ridge_probe(latents[:2000], actions[:2000], latents[2000:], actions[2000:])
     assert fit['r2'] > 0.999 and fit['l1'] < 0.01 < fit['l1_mean']
     noise = torch.randn(3000, 2, 8, generator=g)
-    fit = cola.ridge_probe(noise[:2000], actions[:2000], noise[2000:], actions[2000:])
+    fit = measure.ridge_probe(noise[:2000], actions[:2000], noise[2000:], actions[2000:])
     assert abs(fit['r2']) < 0.05 and fit['l1'] == pytest.approx(fit['l1_mean'], rel=0.05)
     constant = torch.ones(3000, 2, 8)  # a collapsed codebook: the probe predicts the mean, no blow-up
-    fit = cola.ridge_probe(constant[:2000], actions[:2000], constant[2000:] + 1, actions[2000:])
+    fit = measure.ridge_probe(constant[:2000], actions[:2000], constant[2000:] + 1, actions[2000:])
     assert fit['l1'] == pytest.approx(fit['l1_mean'], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_probes_tell_linear_from_nonlinear_codes():
     """eval.py's fair probes on latents with a known map: FSQ-like grid coordinates that are a non-monotone
     function of the action defeat the linear probe but not the MLP or one-hot probes; per-dim R² is per dim."""
@@ -932,14 +984,14 @@ def test_probes_tell_linear_from_nonlinear_codes():
     scramble = torch.randperm(8, generator=g)  # grid coordinates in a scrambled order: not linear in the action
     grid = scramble[bins].float()[:, None, :]  # (N, n_tok=1, 2), like FSQ's rounded coordinates
     tr, te = slice(0, 2000), slice(2000, None)
-    linear = cola.ridge_probe(grid[tr], actions[tr], grid[te], actions[te])
-    mlp = cola.mlp_probe(grid[tr], actions[tr], grid[te], actions[te])
+    linear = measure.ridge_probe(grid[tr], actions[tr], grid[te], actions[te])
+    mlp = measure.mlp_probe(grid[tr], actions[tr], grid[te], actions[te])
     onehot = F.one_hot(codes, 64).float()
-    hot = cola.ridge_probe(onehot[tr], actions[tr], onehot[te], actions[te])
+    hot = measure.ridge_probe(onehot[tr], actions[tr], onehot[te], actions[te])
     assert linear['r2'] < 0.5 and mlp['r2'] > 0.9 and hot['r2'] > 0.9  # 8 bins: R² of binning is 1 - 1/64
     assert len(mlp['r2_per_dim']) == 2 and mlp['r2'] == pytest.approx(sum(mlp['r2_per_dim']) / 2)
     half = torch.cat([actions[:, :1], torch.randn(3000, 1, generator=g)], 1)[:, None]  # only dim 0 is encoded
-    fit = cola.ridge_probe(half[tr], actions[tr], half[te], actions[te])
+    fit = measure.ridge_probe(half[tr], actions[tr], half[te], actions[te])
     assert fit['r2_per_dim'][0] > 0.99 and abs(fit['r2_per_dim'][1]) < 0.05
 
 
@@ -949,7 +1001,7 @@ def test_ssim_matches_scikit_image():
     a = torch.rand(2, 2, 3, 24, 20, generator=g) * 2 - 1
     b = (a + 0.4 * torch.randn(a.shape, generator=g)).clamp(-1, 1)
     b[0, 0] = a[0, 0] * 0.5 + 0.2  # a contrast/brightness change as well as noise
-    ours = cola.ssim(a, b)
+    ours = measure.ssim(a, b)
     for i in range(2):
         for t in range(2):
             ref = structural_similarity(a[i, t].permute(1, 2, 0).double().numpy(), b[i, t].permute(1, 2, 0).double().numpy(),
@@ -960,16 +1012,17 @@ def test_ssim_matches_scikit_image():
 
 def test_identical_clips_score_finite():
     a = torch.rand(2, 3, 3, 16, 16) * 2 - 1
-    assert torch.equal(cola.psnr(a, a), torch.full((2, 3), 100.0))  # the cap, not inf
-    assert torch.allclose(cola.ssim(a, a), torch.ones(2, 3))
-    p, s = cola.scores(a, a, 1)
+    assert torch.equal(measure.psnr(a, a), torch.full((2, 3), 100.0))  # the cap, not inf
+    assert torch.allclose(measure.ssim(a, a), torch.ones(2, 3))
+    p, s = measure.scores(a, a, 1)
     assert all(math.isfinite(x) for x in p + s) and len(p) == 2
 
 
 def test_latent_actions_window_like_the_idm():
-    lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=1, n_heads=2, action_dim=8, quantizer='vq', codebook_size=8, max_frames=4)).eval()
+    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8))
+    lam = model.eval().lam
     clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
-    out = cola.latent_actions(lam, clips)
+    out = model.latent_actions(clips)
     assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
     with torch.no_grad():  # windows of 4 frames sharing a frame: transitions 0-2, 3-5, 6-7
         want = torch.cat([lam(clips[:, s:s + 4])['z'] for s in (0, 3, 6)], 1)
@@ -980,7 +1033,7 @@ def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
     g = torch.Generator().manual_seed(0)
     actions = torch.rand(500, 2, generator=g) * 2 - 1
     z_e = torch.tanh(actions @ torch.randn(2, 16, generator=g)).view(-1, 2, 8)  # (N, n_tok, d)
-    adapter, losses = cola.train_adapter(actions, z_e, steps=200)
+    adapter, losses = measure.train_adapter(actions, z_e, steps=200)
     assert losses[-1] < 0.1 * losses[0]
     with torch.inference_mode():
         z, codes = VQ(8, 8)(adapter(actions))
@@ -1005,6 +1058,7 @@ def test_state_probe_readout_finds_objects_in_any_order():
     assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
 
 
+@pytest.mark.slow
 def test_state_probe_learns_positions_and_is_cached(tmp_path):
     """The probe fits object positions on its training frames (its held-out error on the built-in data is in
     the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
@@ -1037,6 +1091,7 @@ def tiny_ckpt(tmp_path_factory):
     return os.path.join(out, 'ckpt.pt')
 
 
+@pytest.mark.slow
 def test_eval_json_and_determinism(tiny_ckpt):
     flags = [f'--ckpt={tiny_ckpt}', *FAST, '--adapter_steps=30', '--adapter_episodes=3']
     runs = [run('eval.py', *flags) for _ in range(2)]
@@ -1062,6 +1117,7 @@ def test_eval_json_and_determinism(tiny_ckpt):
     assert a == b  # the same --seed gives the same figures
 
 
+@pytest.mark.slow
 def test_sample_writes_gifs(tiny_ckpt, tmp_path):
     r = run('sample.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', *FAST, '--n_clips=3', '--tour_steps=3')
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1076,6 +1132,7 @@ def test_sample_writes_gifs(tiny_ckpt, tmp_path):
     assert tour.shape == (5, 2 * (3 * 17 - 1 + 3), 2 * (3 * 17 - 1), 3)
 
 
+@pytest.mark.slow
 def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
     """A --mode=actions checkpoint: eval.py rolls it out with the clips' real actions, and sample.py does the
     same (same clips, same noise: the same PSNR), not with its untrained LAM."""
@@ -1088,13 +1145,14 @@ def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
     assert ev['mode'] == 'actions' and 'probe_r2' not in ev and 'adapter_psnr' not in ev
     assert 'driven by the real actions' in s.stdout and sa['psnr'] == pytest.approx(ev['psnr'], abs=1e-3)
     with torch.no_grad():  # and a different action sequence gives a different rollout: the actions are used
-        models, _ = cola.load_models(f'{out}/ckpt.pt')
+        model, _ = cola.load_model(f'{out}/ckpt.pt')
         clips = torch.rand(2, 5, 3, 16, 16) * 2 - 1
         a = torch.rand(2, 4, 2) * 2 - 1
-        z = lambda acts: cola.real_latents(acts, models['lam'].cfg)
-        assert not torch.equal(cola.simulate(models, clips, z(a)), cola.simulate(models, clips, z(-a)))
+        z = lambda acts: cola.real_latents(acts, model.lam.cfg)
+        assert not torch.equal(model.simulate(clips, z(a)), model.simulate(clips, z(-a)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('program', ['sample.py', 'eval.py'])
 def test_bad_checkpoint_is_one_line_error(program, tmp_path):
     bad = tmp_path / 'bad.pt'
@@ -1159,6 +1217,7 @@ def test_pusht_task_goal_is_the_envs_goal_pose():
     assert sim.coverage() > 0.999 and sim.success()
 
 
+@pytest.mark.slow
 def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
     tasks = 'reach,push,pusht' if HAVE_PUSHT else 'reach,push'
     r = run('plan.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', f'--tasks={tasks}', '--n_tasks=1',
@@ -1181,6 +1240,7 @@ def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
 # ----------------------------------------------------------------------------------------------------
 # experiments.py: the whole runner at toy size, then its resume
 
+@pytest.mark.slow
 def test_experiments_runner_writes_results_and_resumes(tmp_path):
     res_dir, runs_dir = tmp_path / 'results', tmp_path / 'runs'
     cmd = [sys.executable, os.path.join(HERE, 'experiments.py'), '--envs=sim', '--seeds=0,1',

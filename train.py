@@ -8,7 +8,7 @@ Train CoLA-World: the latent action model (LAM) learns through the world model (
   python train.py --mode=actions                   # the ceiling: the WM driven by the dataset's real actions
   torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
 
-Phases, in the order the paper runs them (PHASES below says what each one trains):
+Phases, in the order the paper runs them (cola.CoLAWorld.PHASES says what each one trains):
   pretrain  the WM learns action-free video prediction; it stands in for a pretrained video generator
   warmup    WM weights frozen, but its activations stay in the graph: the flow loss trains IDM, quantizer
             and the new action-conditioning modules through it
@@ -27,16 +27,15 @@ from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import cola
+import measure
+from cola import CoLAWorld
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
 from lam import code_stats
-from world_model import flow_loss
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -101,9 +100,7 @@ compile = False
 config = configure(globals(), sys.argv[1:])
 # ----------------------------------------------------------------------------------------------------
 
-# what each phase trains; every other module is frozen: requires_grad off and out of the optimizer
-PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
-          'lam': ('lam',), 'wm': ('action', 'wm')}
+# the phases of each mode, in order (what each phase trains: CoLAWorld.PHASES)
 SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
              'cola': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('joint', joint_steps)],
              'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)],
@@ -137,8 +134,8 @@ torch.manual_seed(seed + rank)
 
 # models, and where they start
 try:
-    models = cola.build(config, device)
-    wm_cfg, _ = cola.model_configs(config)
+    model = CoLAWorld(config).to(device)
+    wm_cfg = model.wm.cfg
     ckpt_path = os.path.join(out_dir, 'ckpt.pt')
     resumed = cola.load_checkpoint(ckpt_path, device) if resume else None
     init_ckpt = cola.load_checkpoint(init_from, device) if init_from and not resume else None
@@ -153,16 +150,16 @@ try:
         dist.barrier()
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
     if mode == 'actions':
-        cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), models['lam'].cfg)  # checks the sizes
+        cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), model.lam.cfg)  # checks the sizes
 except (ValueError, FileNotFoundError) as e:
     fail(str(e))
 if init_ckpt is not None:
-    models['wm'].load_state_dict(init_ckpt.get('ema_wm') or init_ckpt['wm'])
-ema = {k: v.detach().clone() for k, v in models['wm'].state_dict().items()} if ema_decay > 0 else None
+    model.wm.load_state_dict(init_ckpt.get('ema_wm') or init_ckpt['wm'])
+ema = {k: v.detach().clone() for k, v in model.wm.state_dict().items()} if ema_decay > 0 else None
 step = 0
 if resumed is not None:
-    for name, m in models.items():
-        m.load_state_dict(resumed[name])
+    for name in CoLAWorld.MODULES:
+        getattr(model, name).load_state_dict(resumed[name])
     step, ema = resumed['step'], resumed.get('ema_wm') or ema
     mine = resumed['ranks'][rank] if len(resumed['ranks']) == n_procs else None  # same world size: exact resume
     if mine is not None:
@@ -174,51 +171,12 @@ if resumed is not None:
         torch.manual_seed(seed + rank + 1000 * step)
 
 
-class TrainingLoss(nn.Module):
-    """The loss of one training step of a phase. It holds the three modules, so that DDP can wrap them."""
-
-    def __init__(self, wm, action, lam):
-        super().__init__()
-        self.wm, self.action, self.lam = wm, action, lam
-
-    def forward(self, x, phase, real_actions=None, p_relax=0.0):
-        """x: (B, T, 3, H, W) in [-1, 1]; real_actions (B, T-1, A): the real ones (--mode=actions), else None
-        -> dict(loss, its parts, codes)."""
-        if phase == 'pretrain' or real_actions is not None:  # the world model alone: no actions, or the real ones
-            action, z = (None, None) if real_actions is None else (self.action, cola.real_latents(real_actions, self.lam.cfg))
-            flow = flow_loss(self.wm, action, x, z, cond_drop)
-            return dict(loss=flow, flow=flow)
-        with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
-            out = self.lam(x, p_relax)
-        if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
-            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
-            return dict(loss=recon, recon=recon, codes=out['codes'])
-        # warm-up and joint: the flow loss is the IDM's only signal
-        flow = flow_loss(self.wm, self.action, x, out['z'], cond_drop)
-        return dict(loss=flow, flow=flow, codes=out['codes'])
-
-
 def start_phase(phase, old_opt=None):
-    """Freeze what the phase does not train and build its optimizer over the rest, carrying over the
-    AdamW state of parameters that keep training (so warm-up -> joint does not reset the LAM's)."""
-    for name, m in models.items():
-        m.requires_grad_(name in PHASES[phase])
-        m.train(name in PHASES[phase])
-    params = [p for name in PHASES[phase] for p in models[name].parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=cuda)
-    if old_opt is not None:
-        for p in params:
-            if p in old_opt.state:
-                opt.state[p] = old_opt.state[p]
-    return opt, params
-
-
-def wrap():
-    """The module the loop calls: DDP over the modules that require grad now, optionally compiled."""
-    model = TrainingLoss(**models)
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if cuda else None)
-    return torch.compile(model) if compile else model
+    """Freeze what the phase does not train, build its optimizer (CoLAWorld.configure_optimizers), and wrap
+    the model the loop calls: DDP over what trains, optionally compiled."""
+    opt, params = model.configure_optimizers(phase, lr, weight_decay, fused=cuda, old=old_opt)
+    wrapped = DDP(model, device_ids=[local_rank] if cuda else None) if ddp else model
+    return opt, params, torch.compile(wrapped) if compile else wrapped
 
 
 def lr_at(i, n):
@@ -230,8 +188,9 @@ def lr_at(i, n):
 
 
 # soft-to-hard quantization counts from the first step that trains the LAM (two_stage: lam; cola: warmup)
-lam_start = next((sum(n for _, n in schedule[:i]) for i, (p, _) in enumerate(schedule) if 'lam' in PHASES[p]), None)
-anneal_steps = relax_anneal * sum(n for p, n in schedule if 'lam' in PHASES[p])
+lam_start = next((sum(n for _, n in schedule[:i]) for i, (p, _) in enumerate(schedule)
+                  if 'lam' in CoLAWorld.PHASES[p]), None)
+anneal_steps = relax_anneal * sum(n for p, n in schedule if 'lam' in CoLAWorld.PHASES[p])
 
 
 def p_relax_at(i):
@@ -252,7 +211,7 @@ def save(phase, opt):
     """Every rank's RNG streams go in, so that --resume continues each rank exactly, and a fingerprint
     of every rank's weights, to show that DDP kept them identical; rank 0 writes."""
     fingerprint = sum(p.detach().double().square().sum().item() + p.detach().double().sum().item()
-                      for m in models.values() for p in m.parameters())
+                      for p in model.parameters())
     mine = dict(sampler=sampler.state_dict(), torch=torch.get_rng_state(),
                 cuda=torch.cuda.get_rng_state() if cuda else None, fingerprint=fingerprint)
     ranks = [mine]
@@ -262,9 +221,9 @@ def save(phase, opt):
     if master:
         if len({r['fingerprint'] for r in ranks}) > 1:
             print(f"warning: the ranks' weights differ at step {step}: {[r['fingerprint'] for r in ranks]}")
-        cola.save_checkpoint(dict(wm=models['wm'].state_dict(), action=models['action'].state_dict(),
-                                  lam=models['lam'].state_dict(), ema_wm=ema, config=config, step=step,
-                                  phase=phase, optimizer=opt.state_dict(), ranks=ranks), ckpt_path)
+        cola.save_checkpoint(dict(**{k: getattr(model, k).state_dict() for k in CoLAWorld.MODULES}, ema_wm=ema,
+                                  config=config, step=step, phase=phase, optimizer=opt.state_dict(), ranks=ranks),
+                             ckpt_path)
 
 
 stop_signal = []  # SIGTERM/SIGINT: finish the step, save, exit
@@ -274,7 +233,7 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 if master:
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resume else 'w')
-    n_params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    n_params = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in CoLAWorld.MODULES}
     print(f"{mode} on {device} x{n_procs}: {' -> '.join(f'{p} {n}' for p, n in schedule)} steps; "
           f"params {n_params}; data {data_dir}")
 
@@ -285,14 +244,13 @@ if 0 < stop_at <= step:  # resumed at or past the stop: nothing to train (a reru
     sys.exit(0)
 end, opt = 0, None
 if resumed is not None:  # the optimizer as it was saved, handed on like the end of a phase
-    opt, _ = start_phase(resumed['phase'])
+    opt = start_phase(resumed['phase'])[0]
     opt.load_state_dict(resumed['optimizer'])
 for phase, n_steps in schedule:
     begin, end = end, end + n_steps
     if step >= end:  # finished before a resume
         continue
-    opt, params = start_phase(phase, opt)
-    model = wrap()
+    opt, params, step_model = start_phase(phase, opt)
     t_phase, t_log, steps_in_window, codes_window = time.time(), time.time(), 0, []
     bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
     while step < end:
@@ -303,14 +261,15 @@ for phase, n_steps in schedule:
             x = cola.to_model(batch['frames'], device)  # (B, T, 3, H, W)
             real_actions = batch['actions'].to(device) if mode == 'actions' else None  # (B, T-1, A)
             if ddp:
-                model.require_backward_grad_sync = micro == grad_accum - 1
+                step_model.require_backward_grad_sync = micro == grad_accum - 1
+            model.p_relax = p_relax_at(step)
             with autocast:
-                out = model(x, phase, real_actions, p_relax_at(step))
+                out = step_model(x, phase, real_actions)
             (out['loss'] / grad_accum).backward()
             if out.get('codes') is not None:
                 codes_window.append(out['codes'].detach())
         logging = (step + 1) % log_interval == 0 or step + 1 == end
-        norms = {f'grad_{k}': grad_norm(m) for k, m in models.items()} if logging else {}
+        norms = {f'grad_{k}': grad_norm(getattr(model, k)) for k in CoLAWorld.MODULES} if logging else {}
         total_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
         loss = out['loss'].item()
         if not (math.isfinite(loss) and math.isfinite(total_norm)):
@@ -319,9 +278,9 @@ for phase, n_steps in schedule:
             sys.exit(1)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if ema is not None and 'wm' in PHASES[phase]:
+        if ema is not None and 'wm' in CoLAWorld.PHASES[phase]:
             with torch.no_grad():
-                for k, v in models['wm'].state_dict().items():
+                for k, v in model.wm.state_dict().items():
                     ema[k].lerp_(v, 1 - ema_decay) if v.is_floating_point() else ema[k].copy_(v)
         step += 1
         steps_in_window += 1
@@ -331,7 +290,7 @@ for phase, n_steps in schedule:
                        ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
                        **{k: out[k].item() for k in ('flow', 'recon') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
-            quantizer = models['lam'].quantizer
+            quantizer = model.lam.quantizer
             if codes_window and quantizer.size:
                 rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), quantizer.size),
                            p_relax=p_relax_at(step - 1), code_restarts=quantizer.restarts)
@@ -362,8 +321,7 @@ if end == 0 and resumed is None:  # no steps at all (e.g. --init_from with 0 war
 # ----------------------------------------------------------------------------------------------------
 # summary on held-out episodes: does the latent-action-driven rollout beat copying the last frame?
 if master and eval_clips > 0:
-    for m in models.values():
-        m.eval()
+    model.eval()
     try:
         clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips)
     except ValueError as e:
@@ -371,9 +329,9 @@ if master and eval_clips > 0:
         clips = None
     if clips is not None:
         real = clips['actions'].to(device) if mode == 'actions' else None
-        r = cola.rollout_psnr(models, cola.to_model(clips['frames'], device), null=(mode == 'pretrain'),
-                              n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, actions=real)
-        stats, health = cola.codebook_health(r['codes'], models['lam'].quantizer.size)
+        r = measure.rollout_psnr(model, cola.to_model(clips['frames'], device), null=(mode == 'pretrain'),
+                                 n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, actions=real)
+        stats, health = measure.codebook_health(r['codes'], model.lam.quantizer.size)
         mean = lambda xs: sum(xs) / len(xs)
         summary = dict(step=step, mode=mode, psnr=mean(r['psnr']), psnr_copy_last=mean(r['psnr_copy']),
                        psnr_per_step=r['psnr'], **stats)

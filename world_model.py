@@ -110,7 +110,7 @@ class ActionEncoder(nn.Module):
         self.null = nn.Parameter(torch.randn(A) * 0.02)
         self.pos = nn.Parameter(torch.randn(cfg.n_frames, A) * 0.02)
         self.blocks = nn.ModuleList(Block(A, max(1, A // 64)) for _ in range(cfg.act_depth))
-        self.out = nn.Sequential(nn.LayerNorm(A), nn.Linear(A, A), nn.SiLU(), nn.Linear(A, 9 * cfg.width))
+        self.out = nn.Sequential(nn.LayerNorm(A), nn.Linear(A, A), nn.SiLU(), nn.Linear(A, STBlock.N_MOD * cfg.width))
         # small, not zero: a zero last layer passes no gradient back to the latent actions, and through a frozen
         # world model the IDM then waited 600 steps for any signal (measured: grad_lam 2e-5 after 400 warm-up
         # steps from zero, 1e-3 after 250 from std 0.02)

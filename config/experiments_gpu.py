@@ -1,4 +1,4 @@
-# experiments.py on one GPU: the CPU experiment's models, schedules and budgets (world_model.PRESETS['cpu']),
+# experiments.py on one GPU: the same models, schedules and budgets as on a CPU (world_model.PRESETS["cpu"]),
 # 1000 PushT episodes, 4 jobs at once. Small models leave an H100 mostly idle: several runs side by side cost
 # little more than one (11 CoLA runs of about 3,500 steps ran side by side at 45-82 ms per step: README).
 episodes = 1000
