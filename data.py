@@ -216,10 +216,9 @@ def prepare_from_sim(out_dir, episodes, T=48, res=64, seed=0, policy='explore', 
     return _pack(out_dir, res, eps, shard_frames, f'PushSim(seed={seed}, policy={policy})')
 
 
-def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore', probe_steps=2400):
-    """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache, with its state probe
-    (probe_steps steps, as eval.py's state_probe_steps); returns its dir. One run builds it (prepare_once); runs
-    started beside it wait for it."""
+def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='explore'):
+    """The built-in dataset, simulated once and cached under $COLA_DATA or ./data_cache; returns its dir.
+    One run builds it (prepare_once); runs started beside it wait for it."""
     root = root or os.environ.get('COLA_DATA') or os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data_cache')
     out = os.path.join(root, f'sim_{policy}_noise{SENSOR_NOISE:g}_res{res}_ep{episodes}_T{T}_seed{seed}')
 
@@ -227,9 +226,6 @@ def default_dataset(res=64, episodes=1000, T=48, seed=0, root=None, policy='expl
         tmp = f'{out}.tmp'
         shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run
         prepare_from_sim(tmp, episodes, T, res, seed, policy)
-        # eval.py's instrument for object positions, fitted now (minutes on a CPU) rather than in the first eval.py
-        import state_probe  # here: it imports the model's file, which imports this one
-        state_probe.load_state_probe(ClipSampler(tmp, 2), 'cuda' if torch.cuda.is_available() else 'cpu', probe_steps)
         shutil.rmtree(out, ignore_errors=True)  # not a dataset: no index
         os.replace(tmp, out)
     prepare_once(out, lambda: os.path.exists(os.path.join(out, INDEX)), build)
@@ -347,8 +343,7 @@ def write_episodes(out_dir, episodes, seed=0, T=48, res=64, env='sim', policy='e
         eps = (generate(episode_seed(seed, i)) for i in tqdm(range(episodes), desc=f'writing {out_dir}'))
         codec = lerobot.write_dataset(out_dir, eps, videos=format == 'lerobot')
         print(f"wrote a LeRobot v3.0 dataset, {'video' if format == 'lerobot' else 'images'} {codec}"
-              + ('' if codec == 'png' or 'av1' in codec else " (this PyAV build has no AV1 encoder)")
-              + f": {out_dir}")
+              + ('' if codec == 'png' or 'av1' in codec else " (this PyAV build has no AV1 encoder)") + f": {out_dir}")
         return
     os.makedirs(out_dir, exist_ok=True)
     for i in tqdm(range(episodes), desc=f'writing {out_dir}'):

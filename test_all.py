@@ -487,11 +487,10 @@ def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
 
 
 def test_default_dataset_is_cached(tmp_path):
-    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path), probe_steps=5)
+    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path))
     mtime = os.path.getmtime(os.path.join(a, 'index.json'))
     assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
     assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
-    assert os.path.isfile(os.path.join(a, 'state_probe.pt'))  # fitted with the data: eval.py's first run is not slower
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
     assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 16, 16, 3)
 
@@ -1018,6 +1017,30 @@ def test_identical_clips_score_finite():
     assert all(math.isfinite(x) for x in p + s) and len(p) == 2
 
 
+def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
+    """model(x, phase) -> loss; configure_optimizers(phase) trains exactly CoLAWorld.PHASES[phase] and carries
+    the AdamW state of what trained before (warm-up -> joint keeps the LAM's moments)."""
+    torch.manual_seed(0)
+    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
+                                action_dim=8, codebook_size=8, mode='two_stage', dec_depth=1))
+    x, opt = torch.rand(2, 4, 3, 16, 16) * 2 - 1, None
+    for phase in ('pretrain', 'warmup', 'joint', 'lam', 'wm'):
+        old, (opt, params) = opt, model.configure_optimizers(phase, lr=1e-3, old=opt)
+        if phase == 'joint':  # the LAM's moments from the warm-up step came along
+            assert opt.state[model.lam.idm.embed.weight]['step'] == 1
+        model.p_relax = 0.5
+        out = model(x, phase)
+        assert out['loss'].ndim == 0 and ('recon' if phase == 'lam' else 'flow') in out
+        out['loss'].backward()
+        for name in cola.CoLAWorld.MODULES:
+            got_grad = any(p.grad is not None for p in getattr(model, name).parameters())
+            assert got_grad == (name in cola.CoLAWorld.PHASES[phase]), (phase, name)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    real = model(x, 'wm', real_actions=torch.rand(2, 3, 2))  # --mode=actions: the real actions in the latent slot
+    assert set(real) == {'loss', 'flow'}
+
+
 def test_latent_actions_window_like_the_idm():
     model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8))
     lam = model.eval().lam
@@ -1251,6 +1274,7 @@ def test_experiments_runner_writes_results_and_resumes(tmp_path):
     env = {**os.environ, 'COLA_DATA': str(tmp_path / 'cache')}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert len(list((tmp_path / 'cache').glob('sim_*/state_probe.pt'))) == 1  # train.py fitted the built-in data's
     runs = {f: json.load(open(res_dir / 'sim' / f)) for f in ('cola_s0.json', 'cola_s1.json', 'two_stage_s0.json')}
     cola_run = runs['cola_s0.json']
     assert [c['phase'] for c in cola_run['curves']] == ['warmup'] * 2 + ['joint'] * 5

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import cola
 import measure
+import state_probe
 from cola import CoLAWorld
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
@@ -146,6 +147,8 @@ try:
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
     data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, policy, camera, frame_stride)
+    if not data:  # the built-in data's state probe (eval.py's instrument), fitted once now, not in the first eval.py
+        state_probe.load_state_probe(ClipSampler(data_dir, 2), device)
     if ddp and master:
         dist.barrier()
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
