@@ -37,7 +37,7 @@ from configurator import configure, fail
 # settings
 ckpt = 'out/ckpt.pt'
 data = ''               # folder of episodes to evaluate on; '' = the data the checkpoint was trained on
-camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+camera = ''             # LeRobot --data: the camera (video or image feature); '' = the checkpoint's, else the first
 frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 n_clips = 16            # held-out clips for video simulation
 horizon = 10            # generated frames per clip, after the n_context given ones

@@ -1,7 +1,7 @@
 """
 Measurements of a CoLA-World model, shared by eval.py, sample.py, plan.py and train.py's end-of-run summary:
 frame metrics (PSNR, SSIM), batched rollout scores, codebook health, the linear (and MLP) probe of latent
-actions, and the real-action adapter. Everything takes and returns batched tensors.
+actions, and the real-action adapter. Frames are batched tensors in [-1, 1]; figures come back as floats.
 """
 from collections import defaultdict
 

@@ -15,7 +15,9 @@ run the same loop: `random` (uniform random actions) and `oracle` (the same plan
 itself as the model: its state is saved, every sequence is stepped and rendered, the state restored),
 the ceiling for this planner. Success is the environment's own test on the final state (task_success;
 PushT: the env's coverage > 0.95). GIFs: out_dir/FAMILY_K.gif, observed | predicted | goal, for `ours`.
-The last line of stdout is one JSON object (keys: README).
+The last line of stdout is one JSON object: the settings, and per family and planner FAMILY_PLANNER_success
+(fraction of tasks solved), FAMILY_PLANNER_dist (mean final distance to the goal state), and
+FAMILY_PLANNER_s_per_plan.
 """
 import itertools
 import json
@@ -39,7 +41,7 @@ from world_model import rollout
 # settings (applied by configure() at the bottom, so that the tests can import the planner)
 ckpt = 'out/ckpt.pt'
 data = ''               # labelled episodes the adapter learns from (train split); '' = the checkpoint's data
-camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+camera = ''             # LeRobot --data: the camera (video or image feature); '' = the checkpoint's, else the first
 frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 tasks = 'reach,push'    # comma-separated task families: reach, push (built-in simulator), pusht
 planners = 'ours,random,oracle'

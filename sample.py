@@ -37,7 +37,7 @@ from world_model import rollout
 # settings
 ckpt = 'out/ckpt.pt'
 data = ''               # folder of episodes to sample from; '' = the data the checkpoint was trained on
-camera = ''             # LeRobot --data: the camera (video feature); '' = the checkpoint's, else the first
+camera = ''             # LeRobot --data: the camera (video or image feature); '' = the checkpoint's, else the first
 frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 out_dir = 'samples'
 n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)

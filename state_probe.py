@@ -2,7 +2,7 @@
 The state probe: where the objects are in a frame, read by a small CNN trained on real frames, so that a
 rollout is scored on whether its objects are where they should be (what a user looks at), not on pixels.
 eval.py and sample.py report its errors per generated frame; the probe is trained once per dataset and cached
-beside it. Imports only cola.py (for to_model and save_checkpoint).
+beside it. Imports cola.py (to_model, save_checkpoint) and data.py (prepare_once).
 """
 import math
 import os

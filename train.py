@@ -44,7 +44,7 @@ out_dir = 'out'
 data = ''               # folder of .npz episodes, videos, or prepared shards; '' = built-in simulator
 policy = 'explore'      # built-in simulator: 'explore' (smooth motion and pushes) or 'random' (i.i.d. moves)
 skip_bad = False        # skip unreadable data files with a warning instead of stopping
-camera = ''             # LeRobot --data: the camera (video feature in meta/info.json); '' = the first
+camera = ''             # LeRobot --data: the camera (video or image feature in meta/info.json); '' = the first
 frame_stride = 1        # LeRobot --data: keep every Nth frame (for high-fps recordings)
 init_from = ''          # start from this checkpoint's world model (then pretraining is skipped)
 resume = False          # continue out_dir/ckpt.pt exactly where it stopped
