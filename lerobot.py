@@ -361,9 +361,8 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
     if is_lerobot(root):
         raise ValueError(f"{root} already holds a LeRobot dataset; write to another folder")
     codec, v3 = pick_codec(codec) if videos else 'png', version == 'v3.0'
-    data_tpl, video_tpl = (V30_DATA, V30_VIDEO) if v3 else (V21_DATA, V21_VIDEO)
-    if not videos:
-        video_tpl = None
+    data_tpl = V30_DATA if v3 else V21_DATA
+    video_tpl = (V30_VIDEO if v3 else V21_VIDEO) if videos else None
     metas, rows, video, shape, dims, total = [], [], None, None, {}, 0
 
     def flush_rows(path):
@@ -429,13 +428,11 @@ def write_dataset(root, episodes, fps=10, version='v3.0', codec='', camera='obse
         with open(os.path.join(root, 'meta', 'tasks.jsonl'), 'w') as f:
             f.write(json.dumps(dict(task_index=0, task=task)) + '\n')
     H, W = shape[:2]
-    features = {camera: dict(dtype='video', shape=[H, W, 3], names=['height', 'width', 'channels'],
-                             info={'video.height': H, 'video.width': W,
-                                   'video.codec': 'av1' if 'av1' in codec else 'h264',
-                                   'video.pix_fmt': 'yuv420p', 'video.is_depth_map': False, 'video.fps': fps,
-                                   'video.channels': 3, 'has_audio': False})}
-    if not videos:
-        features[camera] = dict(dtype='image', shape=[H, W, 3], names=['height', 'width', 'channels'])
+    features = {camera: dict(dtype='video' if videos else 'image', shape=[H, W, 3], names=['height', 'width', 'channels'])}
+    if videos:
+        features[camera]['info'] = {'video.height': H, 'video.width': W, 'video.codec': 'av1' if 'av1' in codec else 'h264',
+                                    'video.pix_fmt': 'yuv420p', 'video.is_depth_map': False, 'video.fps': fps,
+                                    'video.channels': 3, 'has_audio': False}
     features.update({k: dict(dtype='float32', shape=[d], names=None) for k, d in dims.items()})
     features.update({k: dict(dtype=t, shape=[1], names=None) for k, t in
                      (('timestamp', 'float32'), ('frame_index', 'int64'), ('episode_index', 'int64'),
