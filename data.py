@@ -92,11 +92,24 @@ def _episode_files(src):
 
 def atomic_save(path, write):
     """write(file) to a temporary name of this process's own, then rename: readers see the whole file or
-    none, and two processes writing one path at once (two evaluations caching a state probe) never collide."""
+    none, and two processes writing one path at once (two evaluations caching a state probe) never collide.
+    A failed write removes its temporary file (a full disk stays as full as it was) and, where the system
+    said why (no space left, permission denied), raises OSError('cannot write PATH: why') instead of the
+    writer's own error (torch.save's says only "unexpected pos", the OSError sits in its context)."""
     tmp = f'{path}.{os.getpid()}.tmp'
-    with open(tmp, 'wb') as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException as e:
+        with suppress(OSError):
+            os.remove(tmp)
+        cause = e
+        while cause is not None and not (isinstance(cause, OSError) and cause.strerror):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"cannot write {path}: {cause.strerror}") from None
 
 
 def prepare_once(path, ready, build):

@@ -1,9 +1,11 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny shapes; every test can fail."""
 import ast
+import errno
 import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -940,6 +942,81 @@ def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_pat
     train(str(tmp_path / 'run'), '--pretrain_steps=2', '--warmup_steps=0', '--joint_steps=0', '--eval_clips=0',
           data_dir=folder)  # the lock died with its holder: this run prepares again and trains
     assert len(data.ClipSampler(prepared, 4, 'train').index) == 12
+
+
+def test_failed_atomic_save_removes_its_temp_file_and_names_the_cause(tmp_path):
+    """A write that fails (a full disk: torch.save raises RuntimeError('unexpected pos') with the OSError in its
+    context) leaves the earlier file as it was and no temporary file, and says which file and why."""
+    path = tmp_path / 'ckpt.pt'
+    path.write_bytes(b'good')
+
+    def full_disk(f):
+        f.write(b'x' * 1000)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    with pytest.raises(OSError, match=f'cannot write {re.escape(str(path))}: No space left on device'):
+        data.atomic_save(str(path), full_disk)
+    with pytest.raises(ValueError, match='not an OSError'):  # a failure the system did not explain stays as it was
+        data.atomic_save(str(path), lambda f: (f.write(b'x'), (_ for _ in ()).throw(ValueError('not an OSError'))))
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and path.read_bytes() == b'good'
+
+
+# train.py with torch.save failing from its second call on, as on a disk with room for one checkpoint
+FULL_DISK_TRAIN = """
+import errno, os, runpy, sys, torch
+sys.path.insert(0, {here!r})
+save, calls = torch.save, []
+def full_disk(obj, f, *args, **kw):
+    calls.append(1)
+    if len(calls) == 1:
+        return save(obj, f, *args, **kw)
+    f.write(b'x' * 4096)
+    try:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    except OSError:
+        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 4000512 vs 4000400')
+torch.save = full_disk
+sys.argv = ['train.py', *sys.argv[1:]]
+runpy.run_path(os.path.join({here!r}, 'train.py'), run_name='__main__')
+"""
+
+
+@pytest.mark.slow
+def test_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    r = subprocess.run([sys.executable, '-c', FULL_DISK_TRAIN.format(here=HERE), f'--out_dir={out}', *TINY_TRAIN,
+                        '--pretrain_steps=6', '--warmup_steps=0', '--joint_steps=0', '--ckpt_interval=2',
+                        f'--data={tiny_data}'], capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
+    assert f'cannot write {out}/ckpt.pt: No space left on device at step 4' in r.stderr
+    assert not [f for f in os.listdir(out) if f.endswith('.tmp')] and ckpt(out)['step'] == 2
+
+
+@pytest.mark.slow
+def test_a_second_run_on_a_busy_out_dir_is_refused_and_resume_after_a_kill_is_not(tiny_data, tmp_path):
+    out = str(tmp_path / 'run')
+    first = subprocess.Popen([sys.executable, os.path.join(HERE, 'train.py'), f'--out_dir={out}', *TINY_TRAIN,
+                              '--pretrain_steps=100000', '--warmup_steps=0', '--joint_steps=0', '--ckpt_interval=5',
+                              f'--data={tiny_data}'], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=HERE,
+                             env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        log = os.path.join(out, 'log.jsonl')
+        while not (os.path.exists(os.path.join(out, 'ckpt.pt')) and open(log).read().count('\n') >= 5):
+            assert first.poll() is None
+            time.sleep(0.05)
+        second = train(out, '--pretrain_steps=3', '--warmup_steps=0', '--joint_steps=0', data_dir=tiny_data, check=False)
+        assert second.returncode == 2 and second.stderr.count('\n') == 1, second.stderr[-2000:]
+        assert f'--out_dir={out} is in use by another run (pid {first.pid})' in second.stderr
+    finally:
+        first.kill()  # SIGKILL: no chance to clean up, the kernel frees the lock
+        first.wait()
+    steps = [rec['step'] for rec in log_of(out)]  # the first run's log is whole, its steps rise
+    assert steps == sorted(set(steps)) and len(steps) >= 5
+    resumed = train(out, '--resume', '--pretrain_steps=100000', f'--stop_at={ckpt(out)["step"] + 2}',
+                    '--warmup_steps=0', '--joint_steps=0', data_dir=tiny_data)
+    assert 'stopped (--stop_at)' in resumed.stdout
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ Phases, in the order the paper runs them (cola.CoLAWorld.PHASES says what each o
             in --mode=actions the wm phase takes the real actions instead (cola.real_latents)
 Settings are plain values below; override them with config/NAME.py and --key=value (configurator.py).
 """
+import fcntl
 import json
 import math
 import os
@@ -79,6 +80,7 @@ idm_keypoints = 16      # the IDM reads the move from K keypoints' displacements
 idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 reached 0.85: NOTES.md)
 dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_stage only: cola.model_configs)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
+motion_weight = 0.0     # > 0: pixels that changed since the frame before weigh 1 + motion_weight in the flow loss
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
@@ -224,9 +226,15 @@ def save(phase, opt):
     if master:
         if len({r['fingerprint'] for r in ranks}) > 1:
             print(f"warning: the ranks' weights differ at step {step}: {[r['fingerprint'] for r in ranks]}")
-        cola.save_checkpoint(dict(**{k: getattr(model, k).state_dict() for k in CoLAWorld.MODULES}, ema_wm=ema,
-                                  config=config, step=step, phase=phase, optimizer=opt.state_dict(), ranks=ranks),
-                             ckpt_path)
+        try:
+            cola.save_checkpoint(dict(**{k: getattr(model, k).state_dict() for k in CoLAWorld.MODULES}, ema_wm=ema,
+                                      config=config, step=step, phase=phase, optimizer=opt.state_dict(), ranks=ranks),
+                                 ckpt_path)
+        except OSError as e:  # a full disk, a folder made read-only: the last good checkpoint stays as it was
+            kept = f"the last good checkpoint {ckpt_path} is left as it was" if os.path.isfile(ckpt_path) else \
+                "no checkpoint was written"
+            print(f"\nerror: {e.strerror} at step {step}; stopping, {kept}", file=sys.stderr)
+            sys.exit(1)
 
 
 stop_signal = []  # SIGTERM/SIGINT: finish the step, save, exit
@@ -235,6 +243,18 @@ for sig in (signal.SIGTERM, signal.SIGINT):
 
 if master:
     os.makedirs(out_dir, exist_ok=True)
+    # the run holds out_dir until it exits: a second run on it would interleave log.jsonl and overwrite ckpt.pt.
+    # An flock, so the kernel frees it when the holder dies, killed or not, and --resume after a crash goes on.
+    out_lock = open(os.path.join(out_dir, 'train.lock'), 'a+')
+    try:
+        fcntl.flock(out_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        out_lock.seek(0)
+        fail(f"--out_dir={out_dir} is in use by another run (pid {out_lock.read().strip() or '?'}); wait for it "
+             f"or pick another --out_dir")
+    out_lock.truncate(0)
+    out_lock.write(f'{os.getpid()}\n')
+    out_lock.flush()
     log = open(os.path.join(out_dir, 'log.jsonl'), 'a' if resume else 'w')
     n_params = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in CoLAWorld.MODULES}
     print(f"{mode} on {device} x{n_procs}: {' -> '.join(f'{p} {n}' for p, n in schedule)} steps; "
