@@ -61,11 +61,10 @@ def cola_step(model, x):
     """One joint-phase step of the model's own loss and optimizer (CoLAWorld.forward, configure_optimizers),
     as train.py runs it, soft-to-hard quantization on."""
     opt, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda)
-    model.p_relax = 0.5
 
     def step():
         with autocast:
-            loss = model(x, 'joint')['loss']
+            loss = model(x, 'joint', p_relax=0.5)['loss']
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

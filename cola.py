@@ -9,11 +9,10 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from data import atomic_save, resolve_data, ClipSampler
 from lam import LAM, LAMConfig
-from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout
+from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, pixel_loss, rollout
 
 # settings that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them
 SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'idm_keypoints', 'n_heads', 'act_width', 'act_depth',
@@ -28,8 +27,10 @@ def model_configs(s):
     # settings left None take the dataclass's default (checkpoints of older versions say t_shift=None)
     pick = lambda cls: {k: v for k, v in {**s, **sizes}.items() if k in cls.__dataclass_fields__ and v is not None}
     wm_cfg = WMConfig(**pick(WMConfig))
-    # the pixel decoder exists in the two-stage baseline only; the IDM takes clips of the world model's length
-    fixed = dict(dec_depth=s['dec_depth'] if s.get('mode') == 'two_stage' else 0, max_frames=wm_cfg.n_frames)
+    # the pixel decoder exists where the LAM trains on pixels (the two-stage baseline, --lam_init_steps); the IDM
+    # takes clips of the world model's length
+    decoder = s.get('mode') == 'two_stage' or (s.get('mode') == 'cola' and s.get('lam_init_steps', 0) > 0)
+    fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames)
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")
@@ -59,9 +60,8 @@ class CoLAWorld(nn.Module):
     action  ActionEncoder: the new modules that condition the world model on latent actions
     lam     LAM: the IDM and its quantizer (and, in the two-stage baseline, the pixel decoder)
 
-    PHASES says what each phase trains; set_phase freezes the rest. `p_relax` (soft-to-hard quantization: the
-    probability that a transition passes its continuous latent, lam.LAM.forward) is state the trainer sets
-    every step; `cond_drop` (the null action's probability, for classifier-free guidance) is a setting.
+    PHASES says what each phase trains; set_phase freezes the rest. `cond_drop` (the null action's
+    probability, for classifier-free guidance) and `motion_weight` (flow_loss) are settings.
     """
     MODULES = ('wm', 'action', 'lam')
     PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
@@ -72,23 +72,25 @@ class CoLAWorld(nn.Module):
         wm_cfg, lam_cfg = model_configs(settings)
         self.wm, self.action, self.lam = VideoDiT(wm_cfg), ActionEncoder(wm_cfg), LAM(lam_cfg)
         self.cond_drop = settings.get('cond_drop', 0.1)
-        self.p_relax = 0.0
+        self.motion_weight = settings.get('motion_weight', 0.0)
 
-    def forward(self, x, phase, real_actions=None):
+    def forward(self, x, phase, real_actions=None, p_relax=0.0):
         """The loss of one training step. x: (B, T, 3, H, W) in [-1, 1]; real_actions (B, T-1, A): the dataset's
-        actions in place of latent ones (--mode=actions), else None -> dict(loss, its parts, codes)."""
+        actions in place of latent ones (--mode=actions), else None; p_relax: the probability of a transition's
+        continuous latent in place of its quantized one (lam.LAM.forward) -> dict(loss, its parts, and for the
+        phases that run the LAM its codes and the codebook entries it restarted)."""
         if phase == 'pretrain' or real_actions is not None:  # the world model alone: no actions, or the real ones
             action, z = (None, None) if real_actions is None else (self.action, real_latents(real_actions, self.lam.cfg))
-            flow = flow_loss(self.wm, action, x, z, self.cond_drop)
+            flow = flow_loss(self.wm, action, x, z, self.cond_drop, motion_weight=self.motion_weight)
             return dict(loss=flow, flow=flow)
         with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
-            out = self.lam(x, self.p_relax)
+            out = self.lam(x, p_relax)
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
-            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
-            return dict(loss=recon, recon=recon, codes=out['codes'])
+            recon = pixel_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:], x[:, :-1], self.motion_weight)
+            return dict(loss=recon, recon=recon, codes=out['codes'], restarts=out['restarts'])
         # warm-up and joint: the flow loss is the IDM's only signal
-        flow = flow_loss(self.wm, self.action, x, out['z'], self.cond_drop)
-        return dict(loss=flow, flow=flow, codes=out['codes'])
+        flow = flow_loss(self.wm, self.action, x, out['z'], self.cond_drop, motion_weight=self.motion_weight)
+        return dict(loss=flow, flow=flow, codes=out['codes'], restarts=out['restarts'])
 
     def set_phase(self, phase):
         """Train the modules of `phase`; freeze the others (requires_grad off, eval mode). Returns the
@@ -116,26 +118,19 @@ class CoLAWorld(nn.Module):
         (B, L-1, n_tok) or None for continuous actions)."""
         win, L = self.lam.cfg.max_frames, clips.shape[1]
         z_e = torch.cat([self.lam.idm(clips[:, s:s + win]) for s in range(0, L - 1, win - 1)], 1)
-        z, codes = self.lam.quantizer(z_e)
+        z, codes, _ = self.lam.quantizer(z_e)
         return dict(z_e=z_e, z=z, codes=codes)
 
     @torch.inference_mode()
-    def simulate(self, clips, z, n_steps=2, cfg_scale=1.0, seed=0):
-        """Roll the world model out from the first n_context frames of clips (B, L, 3, H, W), driven by latent
-        actions z (B, L-1, n_tok, d), or by the null action when z is None. Returns all L frames, context
-        first; the noise comes from a generator seeded with `seed`, so a rollout is reproducible."""
+    def simulate(self, clips, z, n_steps=2, cfg_scale=1.0, seed=0, generator=None):
+        """The one way to roll the world model out: from the first n_context frames of clips (B, L, 3, H, W),
+        driven by latent actions z (B, K, n_tok, d), one per transition from frame 0 (K + 1 frames), or by the
+        null action when z is None (L frames). Returns every frame, context first. The noise comes from a
+        generator seeded with `seed`, so a rollout is reproducible, or from `generator` (one stream over calls)."""
+        if generator is None:
+            generator = torch.Generator(clips.device).manual_seed(seed)
         return rollout(self.wm, self.action, clips[:, :self.wm.cfg.n_context], z, total=clips.shape[1],
-                       n_steps=n_steps, cfg_scale=cfg_scale, generator=torch.Generator(clips.device).manual_seed(seed))
-
-
-def to_model(frames, device='cpu'):
-    """uint8 (B, T, H, W, 3) -> float (B, T, 3, H, W) in [-1, 1] on device."""
-    return frames.to(device).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1)
-
-
-def to_uint8(x):
-    """float (B, T, 3, H, W) in [-1, 1] -> uint8 numpy (B, T, H, W, 3), for GIFs."""
-    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+                       n_steps=n_steps, cfg_scale=cfg_scale, generator=generator)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -276,6 +276,30 @@ def resolve_data(data_dir, res, clip_len=None, skip_bad=False, policy='explore',
 
 # ----------------------------------------------------------------------------- sampling clips
 
+def to_model(frames, device='cpu'):
+    """uint8 (..., T, H, W, 3) -> float (..., T, 3, H, W) in [-1, 1] on device: what the model takes."""
+    return frames.to(device).movedim(-1, -3).float().div(127.5).sub(1)
+
+
+def to_uint8(x):
+    """float (B, T, 3, H, W) in [-1, 1] -> uint8 numpy (B, T, H, W, 3), for GIFs."""
+    return x.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 1, 3, 4, 2).cpu().numpy()
+
+
+def write_gif(path, cells, fps=5, scale=2, n_context=0):
+    """cells: uint8 (rows, cols, T, H, W, 3) videos -> a GIF at path, tiled with 1-pixel white gaps, a time bar
+    underneath (green over the first n_context frames, red after), `scale` times larger. The one GIF writer."""
+    import imageio.v3 as iio  # imported here: only the programs that write GIFs need it
+    R, C, T, H, W, _ = cells.shape
+    padded = np.pad(cells, ((0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
+    tiles = padded.transpose(2, 0, 3, 1, 4, 5).reshape(T, R * (H + 1), C * (W + 1), 3)[:, :-1, :-1]
+    bar = np.zeros((T, 3, tiles.shape[2], 3), np.uint8)
+    for t in range(T):  # the bar also makes consecutive frames differ, so the GIF writer merges none
+        bar[t, :, :(t + 1) * tiles.shape[2] // T] = (0, 190, 0) if t < n_context else (220, 30, 30)
+    frames = np.concatenate([tiles, bar], 1).repeat(scale, 1).repeat(scale, 2)
+    iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+
+
 class ClipSampler:
     """Random clips of clip_len frames from a prepared dir, read through np.memmap.
 
@@ -318,9 +342,9 @@ class ClipSampler:
                     actions=None if self.actions is None else np.array(self.actions[s][:-1]),
                     states=None if self.states is None else np.array(self.states[s]), source=e['source'])
 
-    def sample(self, batch_size):
-        """dict(frames (B,T,H,W,3) uint8, actions (B,T-1,A) float32 or None, states (B,T,S) float32 or None,
-        episode (B,), start (B,)) as torch tensors."""
+    def sample(self, batch_size, device='cpu'):
+        """dict(frames (B, T, 3, H, W) in [-1, 1] as the model takes them, actions (B, T-1, A) float32 or None,
+        states (B, T, S) float32 or None, all on device; episode (B,), start (B,)) as torch tensors."""
         T, R = self.clip_len, self.res
         eps = self.rng.choice(self.ids, size=batch_size, p=self.p)
         starts = np.array([self.rng.integers(0, self.index[i]['length'] - T + 1) for i in eps])
@@ -329,9 +353,9 @@ class ClipSampler:
             e = self.index[i]
             frames[b] = self.shards[e['shard']][e['offset'] + s:e['offset'] + s + T]
         rows = lambda x, n: None if x is None else torch.from_numpy(
-            np.stack([x[self.index[i]['start'] + s:self.index[i]['start'] + s + n] for i, s in zip(eps, starts)]))
-        return dict(frames=torch.from_numpy(frames), actions=rows(self.actions, T - 1), states=rows(self.states, T),
-                    episode=torch.from_numpy(eps), start=torch.from_numpy(starts))
+            np.stack([x[self.index[i]['start'] + s:self.index[i]['start'] + s + n] for i, s in zip(eps, starts)])).to(device)
+        return dict(frames=to_model(torch.from_numpy(frames), device), actions=rows(self.actions, T - 1),
+                    states=rows(self.states, T), episode=torch.from_numpy(eps), start=torch.from_numpy(starts))
 
     def state_dict(self):
         return dict(rng=self.rng.bit_generator.state)

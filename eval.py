@@ -67,7 +67,7 @@ mean = lambda xs: sum(xs) / len(xs)
 @torch.inference_mode()
 def quantize(z_e):
     """Continuous latent actions (..., n_tok, d) -> (quantized, codes or None), by the LAM's own quantizer."""
-    z, codes = lam.quantizer(z_e)
+    z, codes, _ = lam.quantizer(z_e)
     return z, codes
 
 
@@ -77,7 +77,7 @@ def report(prefix, gen):
     p, s = measure.scores(gen, clips, nc)
     out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
     if locator is not None:
-        for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:].to(device)).items():
+        for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:]).items():
             per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
             out.update({f'{prefix}state_err_{obj}': mean(per_step), f'{prefix}state_err_{obj}_per_step': per_step})
     return out
@@ -160,13 +160,13 @@ if not real and labelled:
 # ----------------------------------------------------------------------------------------------------
 # 3. video simulation on held-out clips, driven by the IDM's latent actions (or the real actions), by the
 #    adapter's, by the null action, and copying the last frame
-batch = sampler.sample(n_clips)
-clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
+batch = sampler.sample(n_clips, device)
+clips = batch['frames']  # (n_clips, n_context + horizon, 3, H, W)
 # where the objects are in every generated frame, read by a probe trained on real frames; its error on the
 # real held-out frames themselves is the floor of what it can tell
 locator = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
 if locator is not None:
-    for obj, err in state_probe.state_errors(locator, clips[:, nc:], batch['states'][:, nc:].to(device)).items():
+    for obj, err in state_probe.state_errors(locator, clips[:, nc:], batch['states'][:, nc:]).items():
         out[f'state_floor_{obj}'] = err.nanmean().item()
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
       f"{sample_steps} Euler steps, guidance {cfg_scale}")
@@ -174,7 +174,7 @@ print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} gen
 # across conditions (common random numbers), so "PSNR - null" is exactly 0 for a model that ignores actions.
 simulate = lambda z: model.simulate(clips, z, sample_steps, cfg_scale, seed)
 if real:  # --mode=actions: the rollout driven by the clip's own real actions
-    z = cola.real_latents(batch['actions'].to(device), lam.cfg)
+    z = cola.real_latents(batch['actions'], lam.cfg)
 else:
     z = model.latent_actions(clips)['z']  # (n_clips, L-1, n_tok, d)
 out.update(report('', simulate(z)))
@@ -185,7 +185,7 @@ shuffle = torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(see
 out.update(report('shuffled_', simulate(z[:, shuffle])))
 if adapter is not None:
     with torch.inference_mode():
-        out.update(report('adapter_', simulate(quantize(adapter(batch['actions'].to(device)))[0])))
+        out.update(report('adapter_', simulate(quantize(adapter(batch['actions']))[0])))
 out.update(report('null_', simulate(None)))
 out.update(report('copy_', measure.copy_last(clips, nc)))
 out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']

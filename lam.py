@@ -36,22 +36,18 @@ class LAMConfig:
 
 
 # ----------------------------------------------------------------------------------------------------
-# quantizers: each maps z_e (..., d) -> (z_q, codes) and has no loss of its own; relax(z_e) gives the continuous
-# value it would quantize (the soft-to-hard start of LAM.forward), `size` is its number of codes and `restarts`
-# counts the codebook entries it re-initialised since the trainer last read (and zeroed) it
+# quantizers: each maps z_e (..., d) -> (z_q, codes, restarts) and has no loss of its own; restarts is the number
+# of codebook entries this call re-initialised (VQ in training; 0 otherwise), relax(z_e) gives the continuous value
+# it would quantize (the soft-to-hard start of LAM.forward), and `size` is its number of codes
 
 class VQ(nn.Module):
     """Vector quantizer trained by noise substitution (NSVQ, Vali & Bäckström 2022), as LAPA trains its LAM.
 
-    In training the quantized vector is z_e + ||z_e - e|| * v / ||v||, v ~ N(0, I): a point as far from the
-    encoder output z_e as its nearest entry e, in a random direction. The world model's gradient then reaches
-    z_e whole, and reaches e through the distance, so the codebook needs no codebook or commitment loss. The
-    straight-through VQ (the vector e, its gradient copied to z_e, plus VQ-VAE's codebook and commitment losses)
-    learned nothing through the world model: the flow loss's gradient on the IDM stayed near 1e-4, under the
-    commitment loss that pulls z_e onto whichever entry it already has; with noise substitution the same runs
-    learned the action (probe R² 0.54-0.78 over three seeds: NOTES.md). In evaluation the vector is e itself.
-    Entries that no encoder output in a training batch picked move onto random outputs of the batch
-    (restart_dead): without it most of the codebook died through the world model (NOTES.md).
+    In training the quantized vector is z_e + ||z_e - e|| * v / ||v||, v ~ N(0, I): a point as far from z_e as
+    its nearest entry e, in a random direction, so the world model's gradient reaches z_e whole and e through
+    the distance, and no codebook or commitment loss is needed. In evaluation it is e itself. Entries that no
+    output of a training batch picked move onto random outputs of the batch (restart_dead), or most of the
+    codebook dies through the world model. Straight-through VQ against NSVQ: NOTES.md.
     """
 
     def __init__(self, size, dim):
@@ -60,26 +56,24 @@ class VQ(nn.Module):
         # small uniform init (as in VQ-VAE): entries start near the origin, so the nearest entry to an
         # encoder output is decided by its direction and every entry is reachable from step 0
         self.codebook = nn.Parameter(torch.empty(size, dim).uniform_(-1 / size, 1 / size))
-        self.restarts = 0
 
     def forward(self, z):
         flat = z.reshape(-1, z.shape[-1]).float()  # (M, d)
         codes = torch.cdist(flat, self.codebook.float()).argmin(dim=1)  # (M,)
-        if self.training:
-            self.restart_dead(flat.detach(), codes)
+        restarts = self.restart_dead(flat.detach(), codes) if self.training else 0
         e = self.codebook[codes].float()  # (M, d)
         if self.training:
             v = torch.randn_like(flat)
             z_q = flat + (flat - e).norm(dim=1, keepdim=True) * v / v.norm(dim=1, keepdim=True)
         else:
             z_q = e
-        return z_q.view_as(z).to(z.dtype), codes.view(z.shape[:-1])
+        return z_q.view_as(z).to(z.dtype), codes.view(z.shape[:-1]), restarts
 
     @torch.no_grad()
     def restart_dead(self, flat, codes):
-        """Move entries unused in this batch onto random encoder outputs of the batch. Under DDP an entry is
-        dead when no rank used it, rank 0 picks the outputs and sends the codebook to the others, so that
-        the ranks' weights stay identical."""
+        """Move entries unused in this batch onto random encoder outputs of the batch; returns how many. Under
+        DDP an entry is dead when no rank used it, rank 0 picks the outputs and sends the codebook to the
+        others, so that the ranks' weights stay identical."""
         counts = torch.bincount(codes, minlength=self.size)
         ddp = dist.is_available() and dist.is_initialized()
         if ddp:
@@ -89,9 +83,9 @@ class VQ(nn.Module):
         if n:
             pick = torch.randint(len(flat), (n,), device=flat.device)
             self.codebook.data[dead] = flat[pick].to(self.codebook.dtype)
-            self.restarts += n
             if ddp:
                 dist.broadcast(self.codebook.data, 0)
+        return n
 
     def relax(self, z):
         return z
@@ -100,7 +94,6 @@ class VQ(nn.Module):
 class FSQ(nn.Module):
     """Finite scalar quantization (Mentzer et al. 2023): project to len(levels) dims, bound each with
     tanh, round to its grid (straight-through), project back. No codebook, no loss; codes are mixed-radix."""
-    restarts = 0
 
     def __init__(self, levels, dim):
         super().__init__()
@@ -122,7 +115,7 @@ class FSQ(nn.Module):
         bounded = self.bound(z)
         r = bounded + (bounded.round() - bounded).detach()  # integers in [-L//2, (L-1)//2], straight-through
         codes = ((r.detach() + (self.levels // 2)).long() * self.radix).sum(-1)
-        return self.up(r / (self.levels // 2)), codes
+        return self.up(r / (self.levels // 2)), codes, 0
 
     def relax(self, z):
         return self.up(self.bound(z) / (self.levels // 2))
@@ -130,10 +123,10 @@ class FSQ(nn.Module):
 
 class NoQuant(nn.Module):
     """Continuous latent actions (no bottleneck): the ablation the paper did not run."""
-    size = restarts = 0
+    size = 0
 
     def forward(self, z):
-        return z, None
+        return z, None, 0
 
     def relax(self, z):
         return z
@@ -156,16 +149,14 @@ def code_stats(codes, size):
 class IDM(nn.Module):
     """Inverse dynamics: clip (B, T, C, H, W) -> continuous latent actions z_e (B, T-1, n_tok, action_dim).
 
-    A spatial transformer encodes every frame on its own (patches plus absolute 2-D positions). Two heads read
-    each transition (t, t+1) from these features:
+    A spatial transformer encodes every frame on its own (patches plus absolute 2-D positions); two heads read
+    each transition (t, t+1) from these features and their outputs add up:
     - keypoints (cfg.idm_keypoints = K): K heat maps per frame, each turned by a softmax over the patches into
-      the expected position where it fires; the latent is a linear map of the keypoints' displacements from
-      frame t to t+1. A displacement is linear in the move, and a random heat map that weighs the agent at
-      all already moves with it, so an untrained IDM carries part of the action (probe R² about 0.2 on every
-      seed, 0.00 without this head): the start that the weak signal of the warm-up needs (NOTES.md);
-    - learned queries attending over the feature difference h(t+1) - h(t), where whatever stands still
-      cancels; with keypoints its output layer starts at zero, and it learns what displacements miss.
-    Frames are encoded independently, so action t depends on frames t and t+1 only.
+      an expected position; a linear map of the keypoints' displacements from t to t+1. A displacement is
+      linear in the move, so even an untrained IDM carries part of the action: the start the warm-up needs;
+    - learned queries attending over the feature difference h(t+1) - h(t), where what stands still cancels
+      (its output layer starts at zero when keypoints lead).
+    Action t depends on frames t and t+1 only. Each head's effect on the probe: NOTES.md.
     """
 
     def __init__(self, cfg):
@@ -252,17 +243,16 @@ class LAM(nn.Module):
         self.decoder = Decoder(cfg) if cfg.dec_depth > 0 else None
 
     def forward(self, frames, p_relax=0.0):
-        """frames: (B, T, C, H, W) in [-1, 1] -> dict(z (B, T-1, n_tok, d), codes (B, T-1, n_tok) or None).
+        """frames: (B, T, C, H, W) in [-1, 1] -> dict(z (B, T-1, n_tok, d), codes (B, T-1, n_tok) or None,
+        restarts: codebook entries re-initialised by this call).
 
-        p_relax > 0 (training only) passes each transition's continuous value (quantizer.relax) instead of
-        its quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017). A
-        random IDM's codes say nothing about the motion, so a decoder learns to ignore them and the IDM
-        gets no gradient that would find it; through the continuous path it does, and the trainer lowers
-        p_relax to 0 over the first `relax_anneal` of the LAM's training steps (measured: NOTES.md).
-        Codes and code statistics are always those of the quantized path."""
+        p_relax > 0 (training only) passes each transition's continuous value (quantizer.relax) in place of its
+        quantized one with that probability: soft-to-hard quantization (Agustsson et al. 2017), so that a random
+        IDM, whose codes say nothing yet, still gets a gradient. train.py lowers it 1 -> 0 over the first
+        `relax_anneal` of the LAM's steps (NOTES.md). Codes are always those of the quantized path."""
         z_e = self.idm(frames)
-        z, codes = self.quantizer(z_e)
+        z, codes, restarts = self.quantizer(z_e)
         if self.training and p_relax > 0:
             relax = torch.rand(z_e.shape[:2], device=z_e.device) < p_relax  # (B, T-1): per transition
             z = torch.where(relax[..., None, None], self.quantizer.relax(z_e), z)
-        return dict(z=z, codes=codes)
+        return dict(z=z, codes=codes, restarts=restarts)

@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cola
+from data import to_model
 from lam import code_stats
 
 
@@ -65,7 +66,7 @@ def episode_latents(model, sampler, ids, device='cpu', chunk=16):
     for group in groups.values():
         for c in range(0, len(group), chunk):
             part = group[c:c + chunk]
-            clips = cola.to_model(torch.from_numpy(np.stack([eps[k]['frames'] for k in part])), device)
+            clips = to_model(torch.from_numpy(np.stack([eps[k]['frames'] for k in part])), device)
             for k, z in zip(part, model.latent_actions(clips)['z_e']):
                 z_e[k] = z
     actions = [None if e['actions'] is None else torch.from_numpy(e['actions']).to(device) for e in eps]

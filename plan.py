@@ -33,9 +33,9 @@ import torch
 import cola
 import measure
 from configurator import configure, fail
+from data import to_model, to_uint8, write_gif
 from pusht import PushT
 from sim import ACTION_DIM, ExplorePolicy, PushSim
-from world_model import rollout
 
 # ----------------------------------------------------------------------------------------------------
 # settings (applied by configure() at the bottom, so that the tests can import the planner)
@@ -128,7 +128,7 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
     actions go into the latent-action slot, cola.real_latents."""
     wm, lam = model.wm, model.lam
     nc, dev = wm.cfg.n_context, wm.pos_time.device
-    ctx = cola.to_model(torch.from_numpy(np.stack(obs[-nc:]))[None], dev)  # (1, nc, 3, R, R)
+    ctx = to_model(torch.from_numpy(np.stack(obs[-nc:]))[None], dev)  # (1, nc, 3, R, R)
     encode = (lambda a: cola.real_latents(a, lam.cfg)) if adapter is None else (lambda a: lam.quantizer(adapter(a))[0])
     if nc == 1:
         z_ctx = ctx.new_zeros(1, 0, lam.cfg.n_action_tokens, lam.cfg.action_dim)
@@ -136,14 +136,13 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
         z_ctx = encode(torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
     else:
         z_ctx = model.latent_actions(ctx)['z']  # (1, nc-1, n_tok, d)
-    goal_x = cola.to_model(torch.from_numpy(goal)[None, None], dev)  # (1, 1, 3, R, R)
+    goal_x = to_model(torch.from_numpy(goal)[None, None], dev)  # (1, 1, 3, R, R)
 
     @torch.inference_mode()
     def cost(a):
         z_plan = encode(a.to(dev))  # (N, H, n_tok, d)
         z = torch.cat([z_ctx.expand(len(a), -1, -1, -1), z_plan], 1)  # (N, nc-1+H, n_tok, d)
-        frames = rollout(wm, model.action, ctx.expand(len(a), -1, -1, -1, -1), z, n_steps=sample_steps,
-                         cfg_scale=cfg_scale, generator=gen)[:, nc:]  # (N, H, 3, R, R)
+        frames = model.simulate(ctx.expand(len(a), -1, -1, -1, -1), z, sample_steps, cfg_scale, generator=gen)[:, nc:]
         return (frames - goal_x).square().mean((1, 2, 3, 4)).cpu(), frames
     return cost
 
@@ -151,7 +150,7 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
 def simulator_cost(sim, goal):
     """The same cost with the environment as a perfect model: from sim's current state, step and render
     every sequence, then put the state back."""
-    start, goal_x = sim.get_state(), cola.to_model(torch.from_numpy(goal)[None, None])
+    start, goal_x = sim.get_state(), to_model(torch.from_numpy(goal)[None, None])
 
     def cost(a):
         frames = []
@@ -159,7 +158,7 @@ def simulator_cost(sim, goal):
             sim.set_state(start)
             frames.append(np.stack([sim.step(act) for act in seq]))
         sim.set_state(start)
-        frames = cola.to_model(torch.from_numpy(np.stack(frames)))  # (N, H, 3, R, R)
+        frames = to_model(torch.from_numpy(np.stack(frames)))  # (N, H, 3, R, R)
         return (frames - goal_x).square().mean((1, 2, 3, 4)), frames
     return cost
 
@@ -270,21 +269,13 @@ def run_episode(task, planner, make_cost, max_steps, exec_steps, n_context, rng=
             t0 = time.perf_counter()
             acts, best = planner.plan(make_cost(obs, done, task.goal))
             times.append(time.perf_counter() - t0)
-            acts, frames = acts[:n].numpy(), cola.to_uint8(best[None, :n])[0]
+            acts, frames = acts[:n].numpy(), to_uint8(best[None, :n])[0]
             planner.shift(n)
         for i, a in enumerate(acts):
             obs.append(task.sim.step(a))
             done.append(a)
             pred.append(obs[-1] if frames is None else frames[i])
     return task.result(), obs[n_context - 1:], pred, times
-
-
-def write_gif(path, obs, pred, goal, scale=2):
-    """observed | predicted | goal, one GIF frame per environment step, 1-pixel white gaps."""
-    import imageio.v3 as iio
-    gap = np.full((len(obs), obs[0].shape[0], 1, 3), 255, np.uint8)
-    row = np.concatenate([np.stack(obs), gap, np.stack(pred), gap, np.broadcast_to(goal, np.shape(obs))], 2)
-    iio.imwrite(path, row.repeat(scale, 1).repeat(scale, 2), duration=300, loop=0)
 
 
 def main():
@@ -328,7 +319,9 @@ def main():
               + (f", {np.mean(times):.2f} s/plan" if times else ''))
         if name == 'ours' and s == 0 and k < n_gifs:
             gifs.append(os.path.join(out_dir, f'{family}_{k}.gif'))
-            write_gif(gifs[-1], obs, pred, task.goal)
+            obs = np.stack(obs)  # observed | predicted | goal, one GIF frame per environment step
+            write_gif(gifs[-1], np.stack([obs, np.stack(pred), np.broadcast_to(task.goal, obs.shape)])[None], fps=3,
+                      n_context=1)
     out = dict(ckpt=ckpt, method=method, n_samples=n_samples, horizon=horizon, n_iters=n_iters, exec_steps=exec_steps,
                max_steps=max_steps, n_tasks=n_tasks, n_seeds=n_seeds, sample_steps=sample_steps, cfg_scale=cfg_scale)
     print(f"over {n_tasks} tasks x {n_seeds} seeds (dist: to the goal at the end, world units; coverage: PushT's)")

@@ -22,7 +22,6 @@ import math
 import os
 import sys
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 
@@ -31,7 +30,7 @@ import measure
 import state_probe
 from configurator import configure, fail
 from lam import FSQ, VQ
-from world_model import rollout
+from data import to_uint8, write_gif
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -63,19 +62,10 @@ os.makedirs(out_dir, exist_ok=True)
 gifs = []
 
 
-def write_gif(name, cells):
-    """cells: uint8 (rows, cols, T, H, W, 3) videos -> out_dir/name, tiled with 1-pixel white gaps, the
-    time bar underneath, `scale` times larger."""
-    R, C, T, H, W, _ = cells.shape
-    padded = np.pad(cells, ((0, 0), (0, 0), (0, 0), (0, 1), (0, 1), (0, 0)), constant_values=255)
-    tiles = padded.transpose(2, 0, 3, 1, 4, 5).reshape(T, R * (H + 1), C * (W + 1), 3)[:, :-1, :-1]
-    bar = np.zeros((T, 3, tiles.shape[2], 3), np.uint8)
-    for t in range(T):  # the bar also makes consecutive frames differ, so the GIF writer merges none
-        bar[t, :, :(t + 1) * tiles.shape[2] // T] = (0, 190, 0) if t < nc else (220, 30, 30)
-    frames = np.concatenate([tiles, bar], 1).repeat(scale, 1).repeat(scale, 2)
-    path = os.path.join(out_dir, name)
-    iio.imwrite(path, frames, duration=1000 / fps, loop=0)
-    gifs.append(path)
+def gif(name, cells):
+    """cells: uint8 (rows, cols, T, H, W, 3) videos -> out_dir/name (data.write_gif), listed in `gifs`."""
+    gifs.append(os.path.join(out_dir, name))
+    write_gif(gifs[-1], cells, fps, scale, nc)
 
 
 def codebook_vectors(q):
@@ -92,12 +82,12 @@ def codebook_vectors(q):
 
 # ----------------------------------------------------------------------------------------------------
 # rollouts on held-out clips, driven by the IDM's latent actions (or the clips' real actions)
-batch = sampler.sample(n_clips)
-clips = cola.to_model(batch['frames'], device)  # (n_clips, n_context + horizon, 3, H, W)
+batch = sampler.sample(n_clips, device)
+clips = batch['frames']  # (n_clips, n_context + horizon, 3, H, W)
 real = settings['mode'] == 'actions'
 if real and batch['actions'] is None:
     fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
-z = (cola.real_latents(batch['actions'].to(device), model.lam.cfg) if real
+z = (cola.real_latents(batch['actions'], model.lam.cfg) if real
      else model.latent_actions(clips)['z'])  # (n_clips, L-1, n_tok, d)
 gen = model.simulate(clips, z, sample_steps, cfg_scale, seed)
 copy = measure.copy_last(clips, nc)
@@ -109,7 +99,7 @@ mean = lambda xs: sum(xs) / len(xs)
 columns = {'PSNR dB': p, 'SSIM': s, 'copy PSNR': p_copy, 'copy SSIM': s_copy}
 locator = state_probe.load_state_probe(sampler, device, state_probe_steps) if state_probe_steps else None
 if locator is not None:  # object position errors, arena units; means over the clips that have the object
-    truth_states = batch['states'][:, nc:].to(device)
+    truth_states = batch['states'][:, nc:]
     for name, frames in (('', gen), ('copy ', copy)):
         for obj, err in state_probe.state_errors(locator, frames[:, nc:], truth_states).items():
             columns[f'{name}{obj} err'] = err.nanmean(0).tolist()
@@ -117,17 +107,17 @@ print('step ' + ''.join(f"{k:>13}" for k in columns))
 for k in range(horizon):
     print(f"{k + 1:4d} " + ''.join(f"{v[k]:13.3f}" for v in columns.values()))
 print('mean ' + ''.join(f"{mean(v):13.3f}" for v in columns.values()))
-truth, fake = cola.to_uint8(clips), cola.to_uint8(gen)  # (n_clips, L, H, W, 3)
+truth, fake = to_uint8(clips), to_uint8(gen)  # (n_clips, L, H, W, 3)
 diff = np.abs(truth.astype(np.int16) - fake).astype(np.uint8)
 for k in range(n_clips):
-    write_gif(f'rollout_{k}.gif', np.stack([truth[k], fake[k], diff[k]])[None])
+    gif(f'rollout_{k}.gif', np.stack([truth[k], fake[k], diff[k]])[None])
 
 # ----------------------------------------------------------------------------------------------------
 # action transfer: clip k's latent actions drive the first frames of clip k+1
 if n_clips >= 2:
     target = torch.arange(1, n_clips + 1) % n_clips
-    moved = cola.to_uint8(model.simulate(clips[target], z, sample_steps, cfg_scale, seed))
-    write_gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
+    moved = to_uint8(model.simulate(clips[target], z, sample_steps, cfg_scale, seed))
+    gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
 
 # ----------------------------------------------------------------------------------------------------
 # codebook tour: from clip 0's context (and its true context actions), each code repeated for tour_steps
@@ -138,13 +128,12 @@ else:
     n_tok = z.shape[2]
     z_tour = torch.cat([z[:1, :nc - 1].expand(len(codebook), -1, -1, -1),
                         codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
-    tour = rollout(model.wm, model.action, clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour,
-                   n_steps=sample_steps, cfg_scale=cfg_scale, generator=torch.Generator(device).manual_seed(seed))
+    tour = model.simulate(clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour, sample_steps, cfg_scale, seed)
     cols = math.ceil(math.sqrt(len(codebook)))
     rows = math.ceil(len(codebook) / cols)
     cells = np.zeros((rows * cols,) + tour.shape[1:2] + truth.shape[2:], np.uint8)  # empty cells stay black
-    cells[:len(codebook)] = cola.to_uint8(tour)
-    write_gif('codebook.gif', cells.reshape(rows, cols, *cells.shape[1:]))
+    cells[:len(codebook)] = to_uint8(tour)
+    gif('codebook.gif', cells.reshape(rows, cols, *cells.shape[1:]))
 
 print(f"wrote {', '.join(gifs)}")
 print(json.dumps(dict(ckpt=ckpt, n_clips=n_clips, horizon=horizon, psnr=round(mean(p), 4), ssim=round(mean(s), 4),

@@ -7,16 +7,15 @@ import numpy as np
 
 # Bodies are drawn from these ranges (world units: the arena is 1 wide). The agent is about 1/4 of the
 # arena across and moves 40% of its radius a step at |action| = 1, so the action explains much of a frame's
-# change: at CPU scale nothing learned latent actions in a world with an agent of ~1% of the frame (NOTES.md).
+# change (why a big agent: NOTES.md).
 AGENT_R = (0.11, 0.13)
 BLOCK_H = (0.07, 0.1)           # half-sizes
 MAX_BLOCKS = 2                  # blocks per episode: 1 or 2
 SPEED = 6 / 64                  # world units per step at |action| = 1
 STATE_DIM = 8                   # agent xy, then three block slots xy (zeros for absent blocks)
 ACTION_DIM = 2
-# Recorded frames carry a camera's sensor noise (std in intensity levels of 255). Without it a still frame
-# repeats its predecessor exactly, and copy-last-frame scores the PSNR cap (100 dB) there, which no learned
-# model can: at 7% still transitions that alone put copy-last 5 dB ahead (NOTES.md).
+# Recorded frames carry a camera's sensor noise (std in intensity levels of 255), or a still frame repeats its
+# predecessor exactly and copy-last-frame scores PSNR's cap there, which no learned model can (NOTES.md).
 SENSOR_NOISE = 2.0
 EPS = 1e-6                      # contact slack: float32-rounded positions may overlap by ~1e-8
 DIRS = np.array([[1, 0], [-1, 0], [0, 1], [0, -1]], float)  # scripted pushes are axis-aligned

@@ -2,7 +2,7 @@
 The state probe: where the objects are in a frame, read by a small CNN trained on real frames, so that a
 rollout is scored on whether its objects are where they should be (what a user looks at), not on pixels.
 eval.py and sample.py report its errors per generated frame; the probe is trained once per dataset and cached
-beside it. Imports cola.py (to_model, save_checkpoint) and data.py (prepare_once).
+beside it. Imports cola.py (save_checkpoint) and data.py (prepare_once, to_model).
 """
 import math
 import os
@@ -13,8 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cola import save_checkpoint, to_model
-from data import prepare_once
+from cola import save_checkpoint
+from data import prepare_once, to_model
 
 def state_layout(S):
     """Columns of a state vector of S dims: (agent xy, [block xy, ...]). The built-in simulator's (8,) is agent
@@ -108,7 +108,7 @@ def fit_state_probe(sampler, device='cpu', episodes=400, steps=2400, batch=32, l
             grp['lr'] = lr * 0.5 * (1 + math.cos(math.pi * i / steps))
         idx = torch.randint(len(frames), (batch,), generator=g)
         target = object_maps(states[idx], states.shape[1], frames.shape[1])
-        loss = F.mse_loss(probe(to_model(frames[idx][:, None], device)[:, 0]), target) * 100
+        loss = F.mse_loss(probe(to_model(frames[idx], device)), target) * 100
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

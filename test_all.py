@@ -25,7 +25,7 @@ import state_probe
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats
 from model import STBlock, patchify, unpatchify
 from sim import SENSOR_NOISE, PushSim, generate_episode
-from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout, sample
+from world_model import MOTION_THRESHOLD, PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, pixel_loss, rollout, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(res=16, patch=4, width=32, depth=2, n_heads=2)
@@ -86,18 +86,18 @@ def test_vq_noise_substitution_reaches_encoder_and_codebook():
     lam = LAM(LAMConfig(res=16, patch=4, width=32, idm_depth=2, n_heads=2, n_action_tokens=2, action_dim=8, quantizer='vq', codebook_size=4))
     x = torch.randn(2, 3, 3, 16, 16)
     out = lam(x)
-    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2)
+    assert out['z'].shape == (2, 2, 2, 8) and out['codes'].shape == (2, 2, 2) and out['restarts'] >= 0
     out['z'].square().sum().backward()
     g = lam.idm.embed.weight.grad
     assert g is not None and g.abs().sum() > 0
     assert lam.quantizer.codebook.grad.abs().sum() > 0
     vq = lam.quantizer
     z_e = torch.randn(64, 8)
-    z, codes = vq(z_e)
+    z, codes, _ = vq(z_e)
     e = vq.codebook[codes].detach()  # after this batch's restarts, the entries the forward used
     assert torch.allclose((z - z_e).norm(dim=1), (e - z_e).norm(dim=1), atol=1e-5)  # the error's size, ...
     assert not torch.allclose(z, e, atol=1e-3)  # ... in a random direction
-    z, codes = vq.eval()(z_e)
+    z, codes, _ = vq.eval()(z_e)
     assert torch.equal(z, vq.codebook[codes]) and torch.equal(codes, torch.cdist(z_e, vq.codebook).argmin(1))
 
 
@@ -117,7 +117,7 @@ def test_fsq_uses_every_level_combination():
     torch.manual_seed(0)
     fsq = FSQ((4, 3, 2), 16)  # even, odd and the smallest level count
     z = torch.randn(20000, 16) * 3
-    z_q, codes = fsq(z)
+    z_q, codes, _ = fsq(z)
     assert fsq.size == 24 and set(codes.unique().tolist()) == set(range(24)) and torch.isfinite(z_q).all()
 
 
@@ -150,12 +150,8 @@ def test_dead_code_restart_revives_entries():
     with torch.no_grad():
         vq.codebook[1:] += 100.0  # only entry 0 is ever chosen
     z = torch.randn(64, 4)
-    vq.eval()
-    vq(z)
-    assert vq.restarts == 0  # restarts happen in training only
-    vq.train()
-    vq(z)
-    assert vq.restarts == 7 and code_stats(vq(z)[1], 8)['code_util'] > 0.5  # the 7 dead entries, counted
+    assert vq.eval()(z)[2] == 0  # restarts happen in training only
+    assert vq.train()(z)[2] == 7 and code_stats(vq(z)[1], 8)['code_util'] > 0.5  # the 7 dead entries, counted
 
 
 def test_soft_to_hard_passes_the_continuous_latent_with_probability_p_relax():
@@ -260,6 +256,25 @@ def test_flow_loss_context_clean_and_unscored():
     assert torch.equal(a, b)
     assert torch.equal(seen['x'][:, :2], x0[:, :2]) and (seen['t'][:, :2] == 0).all()
     assert not torch.allclose(seen['x'][:, 2:], x0[:, 2:]) and (seen['t'][:, 2:] > 0).all()
+
+
+def test_pixel_loss_weighs_the_pixels_that_moved():
+    """motion_weight m: a pixel that changed since the frame before counts 1 + m times; m = 0 is plain MSE."""
+    prev = torch.zeros(1, 1, 3, 4, 4)
+    target = prev.clone()
+    target[..., 0, 0] = 1.0  # one pixel moved, in every channel
+    pred = target.clone()
+    pred[..., 0, 0] += 0.5  # an error on the moved pixel ...
+    pred[..., 3, 3] += 0.5  # ... and the same error on a still one
+    assert torch.equal(pixel_loss(pred, target, prev), F.mse_loss(pred, target))
+    m = 9.0  # weights: 10 on the moved pixel, 1 on the 15 others, per channel
+    assert pixel_loss(pred, target, prev, m).item() == pytest.approx((10 * 0.25 + 0.25) / (10 + 15))
+    target[..., 0, 0] = MOTION_THRESHOLD / 2  # a change under the threshold is sensor noise: not "moved"
+    assert pixel_loss(pred, target, prev, m).item() == pytest.approx(F.mse_loss(pred, target).item())
+    x0 = torch.randn(2, 5, 3, 16, 16)  # flow_loss passes it on: a different loss with the same noise
+    wm, act = tiny_wm()
+    a, b = (flow_loss(wm, None, x0, None, generator=torch.Generator().manual_seed(1), motion_weight=w) for w in (0, 50))
+    assert torch.isfinite(b) and not torch.equal(a, b)
 
 
 def test_sampler_deterministic_and_rollout_shapes():
@@ -440,12 +455,12 @@ def test_prepare_and_clip_sampler(tmp_path):
     assert len(meta['shards']) == 3 and sum(s['frames'] for s in meta['shards']) == 60
     s = data.ClipSampler(d, clip_len=4, val_frac=0.2)
     b = s.sample(5)
-    assert b['frames'].shape == (5, 4, 16, 16, 3) and str(b['frames'].dtype) == 'torch.uint8'
+    assert b['frames'].shape == (5, 4, 3, 16, 16) and b['frames'].dtype == torch.float32  # as the model takes them
     assert b['actions'].shape == (5, 3, 2) and b['states'].shape == (5, 4, 8) and str(b['actions'].dtype) == 'torch.float32'
     for k in range(5):
         i, t = int(b['episode'][k]), int(b['start'][k])
         ep = s.get_episode(i)
-        assert np.array_equal(b['frames'][k].numpy(), ep['frames'][t:t + 4])
+        assert np.array_equal(data.to_uint8(b['frames'][k:k + 1])[0], ep['frames'][t:t + 4])
         assert np.array_equal(b['actions'][k].numpy(), ep['actions'][t:t + 3])
         assert np.array_equal(b['states'][k].numpy(), ep['states'][t:t + 4])
         assert i in s.episodes('train')
@@ -494,7 +509,7 @@ def test_default_dataset_is_cached(tmp_path):
     assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
     assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
     assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
-    assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 16, 16, 3)
+    assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 3, 16, 16)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -772,6 +787,20 @@ def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_
     assert not same(final['wm'], warm['wm']) and not same(final['action'], warm['action'])
     assert [r['phase'] for r in log_of(out)] == ['warmup'] * 2 + ['wm'] * 2
     assert all(r['grad_lam'] == 0 and r['grad_wm'] > 0 for r in log_of(out) if r['phase'] == 'wm')
+
+
+@pytest.mark.slow
+def test_lam_init_trains_the_lam_on_pixels_before_the_warmup(tiny_data, pretrained, tmp_path):
+    """--lam_init_steps: CoLA's LAM first learns with the pixel decoder (the WM untouched), then warm-up and joint."""
+    out = str(tmp_path)
+    train(out, f'--init_from={pretrained}/ckpt.pt', '--lam_init_steps=2', '--warmup_steps=2', '--joint_steps=1',
+          '--motion_weight=50', data_dir=tiny_data)
+    log = log_of(out)
+    assert [r['phase'] for r in log] == ['lam'] * 2 + ['warmup'] * 2 + ['joint']
+    assert all('recon' in r and r['grad_wm'] == 0 and r['grad_action'] == 0 for r in log[:2])
+    assert all('flow' in r and r['grad_lam'] > 0 for r in log[2:])
+    assert any(k.startswith('decoder.') for k in ckpt(out)['lam'])  # the checkpoint loads where it trained
+    assert not any(k.startswith('decoder.') for k in cola.CoLAWorld(dict(ckpt(out)['config'], lam_init_steps=0)).lam.state_dict())
 
 
 @pytest.mark.slow
@@ -1105,8 +1134,7 @@ def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
         old, (opt, params) = opt, model.configure_optimizers(phase, lr=1e-3, old=opt)
         if phase == 'joint':  # the LAM's moments from the warm-up step came along
             assert opt.state[model.lam.idm.embed.weight]['step'] == 1
-        model.p_relax = 0.5
-        out = model(x, phase)
+        out = model(x, phase, p_relax=0.5)
         assert out['loss'].ndim == 0 and ('recon' if phase == 'lam' else 'flow') in out
         out['loss'].backward()
         for name in cola.CoLAWorld.MODULES:
@@ -1136,7 +1164,7 @@ def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
     adapter, losses = measure.train_adapter(actions, z_e, steps=200)
     assert losses[-1] < 0.1 * losses[0]
     with torch.inference_mode():
-        z, codes = VQ(8, 8)(adapter(actions))
+        z, codes, _ = VQ(8, 8)(adapter(actions))
     assert z.shape == (500, 2, 8) and codes.min() >= 0 and codes.max() < 8
 
 
@@ -1167,7 +1195,7 @@ def test_state_probe_learns_positions_and_is_cached(tmp_path):
     probe = state_probe.load_state_probe(sampler, steps=400)
     assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
     eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
-    frames = cola.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
+    frames = data.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
     states = torch.from_numpy(np.stack([e['states'] for e in eps]))
     err = state_probe.state_errors(probe, frames, states)
     mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
@@ -1331,8 +1359,8 @@ def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
         assert out[f'{family}_ours_s_per_plan'] > 0
     assert 'pusht_ours_coverage' in out or 'pusht' not in tasks
     assert len(out['gifs']) == len(tasks.split(','))
-    gif = iio.imread(out['gifs'][0])  # observed | predicted | goal, start + 4 steps, scale 2, 1-pixel gaps
-    assert gif.shape == (5, 2 * 16, 2 * (3 * 16 + 2), 3)
+    gif = iio.imread(out['gifs'][0])  # observed | predicted | goal, start + 4 steps, time bar, scale 2, 1-pixel gaps
+    assert gif.shape == (5, 2 * (16 + 3), 2 * (3 * 17 - 1), 3)
     bad = run('plan.py', f'--ckpt={tiny_ckpt}', '--tasks=fly')
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 

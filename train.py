@@ -33,7 +33,6 @@ from tqdm import tqdm
 
 import cola
 import measure
-import state_probe
 from cola import CoLAWorld
 from configurator import configure, fail
 from data import ClipSampler, resolve_data
@@ -57,6 +56,8 @@ pretrain_steps = 2500   # the null-action rollout reaches copy-last within 0.1 d
 warmup_steps = 1000
 joint_steps = 2100
 lam_steps = 3000        # two-stage, stage 1 (about 4 minutes on 2 CPU cores)
+lam_init_steps = 0      # > 0 (cola): the LAM first trains this many steps with the two-stage pixel decoder, before
+                        # the warm-up (not in the paper; for small agents, NOTES.md "PushT")
 wm_steps = 250          # two-stage, stage 2
 actions_steps = 5000    # --mode=actions: WM steps on the real actions (about 11 minutes on 2 CPU cores)
 # model: sizes left None take the preset's value (world_model.PRESETS)
@@ -105,7 +106,8 @@ config = configure(globals(), sys.argv[1:])
 
 # the phases of each mode, in order (what each phase trains: CoLAWorld.PHASES)
 SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
-             'cola': [('pretrain', pretrain_steps), ('warmup', warmup_steps), ('joint', joint_steps)],
+             'cola': [('pretrain', pretrain_steps), *([('lam', lam_init_steps)] if lam_init_steps > 0 else []),
+                      ('warmup', warmup_steps), ('joint', joint_steps)],
              'two_stage': [('pretrain', pretrain_steps), ('lam', lam_steps), ('wm', wm_steps)],
              # the paper's Fig. 4b control: after the warm-up only the WM (and action modules) train on the
              # frozen LAM's latents; joint_steps counts those WM steps
@@ -149,8 +151,6 @@ try:
     if ddp and not master:
         dist.barrier()  # rank 0 simulates or prepares the data first; the others then find it cached
     data_dir = resolve_data(data or None, wm_cfg.res, wm_cfg.n_frames, skip_bad, policy, camera, frame_stride)
-    if not data:  # the built-in data's state probe (eval.py's instrument), fitted once now, not in the first eval.py
-        state_probe.load_state_probe(ClipSampler(data_dir, 2), device)
     if ddp and master:
         dist.barrier()
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
@@ -274,23 +274,22 @@ for phase, n_steps in schedule:
     if step >= end:  # finished before a resume
         continue
     opt, params, step_model = start_phase(phase, opt)
-    t_phase, t_log, steps_in_window, codes_window = time.time(), time.time(), 0, []
+    t_phase, t_log, steps_in_window, codes_window, restarts_window = time.time(), time.time(), 0, [], 0
     bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
     while step < end:
         for g in opt.param_groups:
             g['lr'] = lr_at(step - begin, n_steps)
         for micro in range(grad_accum):
-            batch = sampler.sample(batch_size)
-            x = cola.to_model(batch['frames'], device)  # (B, T, 3, H, W)
-            real_actions = batch['actions'].to(device) if mode == 'actions' else None  # (B, T-1, A)
+            batch = sampler.sample(batch_size, device)
+            real_actions = batch['actions'] if mode == 'actions' else None  # (B, T-1, A)
             if ddp:
                 step_model.require_backward_grad_sync = micro == grad_accum - 1
-            model.p_relax = p_relax_at(step)
             with autocast:
-                out = step_model(x, phase, real_actions)
+                out = step_model(batch['frames'], phase, real_actions, p_relax_at(step))  # frames (B, T, 3, H, W)
             (out['loss'] / grad_accum).backward()
             if out.get('codes') is not None:
                 codes_window.append(out['codes'].detach())
+            restarts_window += out.get('restarts', 0)
         logging = (step + 1) % log_interval == 0 or step + 1 == end
         norms = {f'grad_{k}': grad_norm(getattr(model, k)) for k in CoLAWorld.MODULES} if logging else {}
         total_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip).item()
@@ -313,16 +312,14 @@ for phase, n_steps in schedule:
                        ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
                        **{k: out[k].item() for k in ('flow', 'recon') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
-            quantizer = model.lam.quantizer
-            if codes_window and quantizer.size:
-                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), quantizer.size),
-                           p_relax=p_relax_at(step - 1), code_restarts=quantizer.restarts)
-                quantizer.restarts = 0
+            if codes_window and model.lam.quantizer.size:
+                rec.update(code_stats(torch.cat([c.flatten() for c in codes_window]), model.lam.quantizer.size),
+                           p_relax=p_relax_at(step - 1), code_restarts=restarts_window)
             log.write(json.dumps(rec) + '\n')
             log.flush()
             bar.set_postfix(loss=f"{loss:.4f}", **({'code_util': f"{rec['code_util']:.2f}"} if 'code_util' in rec else {}))
         if logging:
-            t_log, steps_in_window, codes_window = time.time(), 0, []
+            t_log, steps_in_window, codes_window, restarts_window = time.time(), 0, [], 0
         stopping = bool(stop_signal) or step == stop_at
         if ddp:  # every rank must agree to stop at the same step, or the checkpoint gather would hang
             flag = torch.tensor(float(stopping), device=device)
@@ -346,13 +343,13 @@ if end == 0 and resumed is None:  # no steps at all (e.g. --init_from with 0 war
 if master and eval_clips > 0:
     model.eval()
     try:
-        clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips)
+        clips = ClipSampler(data_dir, eval_len, 'val', seed=seed).sample(eval_clips, device)
     except ValueError as e:
         print(f"no summary: {e}")
         clips = None
     if clips is not None:
-        real = clips['actions'].to(device) if mode == 'actions' else None
-        r = measure.rollout_psnr(model, cola.to_model(clips['frames'], device), null=(mode == 'pretrain'),
+        real = clips['actions'] if mode == 'actions' else None
+        r = measure.rollout_psnr(model, clips['frames'], null=(mode == 'pretrain'),
                                  n_steps=sample_steps, cfg_scale=cfg_scale, seed=seed, actions=real)
         stats, health = measure.codebook_health(r['codes'], model.lam.quantizer.size)
         mean = lambda xs: sum(xs) / len(xs)

@@ -1,5 +1,5 @@
-# Multi-GPU "base" preset for real video datasets: width 768, 12 layers (the paper's IDM size), 128 px,
-# 16-frame clips. 8 GPUs x batch 16 = 128 clips per step, the paper's batch; one learning rate of
+# Multi-GPU "base" preset for real video datasets: a world model of width 768, 12 layers, 12 heads (the size of
+# the paper's IDM), 128 px, 16-frame clips; the IDM keeps idm_depth=2 blocks of width 768 (--idm_depth=12: the paper's). 8 GPUs x batch 16 = 128 clips per step, the paper's batch; one learning rate of
 # 7.5e-5 for all parts with a 2K-step linear warm-up, as in the paper.
 # torchrun --nproc_per_node=8 train.py config/base.py --data=/path/to/videos
 preset = 'base'
