@@ -30,7 +30,8 @@ def model_configs(s):
     # the pixel decoder exists where the LAM trains on pixels (the two-stage baseline, --lam_init_steps); the IDM
     # takes clips of the world model's length
     decoder = s.get('mode') == 'two_stage' or (s.get('mode') == 'cola' and s.get('lam_init_steps', 0) > 0)
-    fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames)
+    fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames,
+                 patch=s.get('idm_patch') or wm_cfg.patch)  # the LAM's own patch, finer for small agents
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")

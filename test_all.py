@@ -791,10 +791,13 @@ def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_
 
 @pytest.mark.slow
 def test_lam_init_trains_the_lam_on_pixels_before_the_warmup(tiny_data, pretrained, tmp_path):
-    """--lam_init_steps: CoLA's LAM first learns with the pixel decoder (the WM untouched), then warm-up and joint."""
+    """--lam_init_steps: CoLA's LAM first learns with the pixel decoder (the WM untouched), then warm-up and joint;
+    --idm_patch gives the LAM a finer patch than the world model's."""
     out = str(tmp_path)
     train(out, f'--init_from={pretrained}/ckpt.pt', '--lam_init_steps=2', '--warmup_steps=2', '--joint_steps=1',
-          '--motion_weight=50', data_dir=tiny_data)
+          '--motion_weight=50', '--idm_patch=2', data_dir=tiny_data)
+    lam = ckpt(out)['lam']
+    assert lam['idm.embed.weight'].shape[1] == 2 * 2 * 3 and ckpt(out)['wm']['embed.weight'].shape[1] == 4 * 4 * 3
     log = log_of(out)
     assert [r['phase'] for r in log] == ['lam'] * 2 + ['warmup'] * 2 + ['joint']
     assert all('recon' in r and r['grad_wm'] == 0 and r['grad_action'] == 0 for r in log[:2])
