@@ -9,10 +9,11 @@ from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from data import atomic_save, resolve_data, ClipSampler
 from lam import LAM, LAMConfig
-from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, pixel_loss, rollout
+from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout
 
 # settings that fix the shapes of the weights: a checkpoint only loads into a model that agrees on them
 SHAPE_KEYS = ('res', 'patch', 'n_frames', 'width', 'depth', 'idm_depth', 'idm_keypoints', 'n_heads', 'act_width', 'act_depth',
@@ -62,7 +63,9 @@ class CoLAWorld(nn.Module):
     lam     LAM: the IDM and its quantizer (and, in the two-stage baseline, the pixel decoder)
 
     PHASES says what each phase trains; set_phase freezes the rest. `cond_drop` (the null action's
-    probability, for classifier-free guidance) and `motion_weight` (flow_loss) are settings.
+    probability, for classifier-free guidance) and `motion_weight` are settings. motion_weight (flow_loss) weighs
+    the moved pixels only where the world model is driven by actions: it makes the action matter to the loss;
+    pretraining has no action, and on the pixel decoder it cost the LAM a third of the move (NOTES.md, "PushT").
     """
     MODULES = ('wm', 'action', 'lam')
     PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
@@ -80,14 +83,17 @@ class CoLAWorld(nn.Module):
         actions in place of latent ones (--mode=actions), else None; p_relax: the probability of a transition's
         continuous latent in place of its quantized one (lam.LAM.forward) -> dict(loss, its parts, and for the
         phases that run the LAM its codes and the codebook entries it restarted)."""
-        if phase == 'pretrain' or real_actions is not None:  # the world model alone: no actions, or the real ones
-            action, z = (None, None) if real_actions is None else (self.action, real_latents(real_actions, self.lam.cfg))
-            flow = flow_loss(self.wm, action, x, z, self.cond_drop, motion_weight=self.motion_weight)
+        if phase == 'pretrain':  # action-free: nothing to read a move from, so no pixel weighs more
+            flow = flow_loss(self.wm, None, x)
+            return dict(loss=flow, flow=flow)
+        if real_actions is not None:  # --mode=actions: the dataset's actions in the latent-action slot
+            z = real_latents(real_actions, self.lam.cfg)
+            flow = flow_loss(self.wm, self.action, x, z, self.cond_drop, motion_weight=self.motion_weight)
             return dict(loss=flow, flow=flow)
         with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
             out = self.lam(x, p_relax)
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
-            recon = pixel_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:], x[:, :-1], self.motion_weight)
+            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
             return dict(loss=recon, recon=recon, codes=out['codes'], restarts=out['restarts'])
         # warm-up and joint: the flow loss is the IDM's only signal
         flow = flow_loss(self.wm, self.action, x, out['z'], self.cond_drop, motion_weight=self.motion_weight)

@@ -136,7 +136,7 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
         z_ctx = encode(torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
     else:
         z_ctx = model.latent_actions(ctx)['z']  # (1, nc-1, n_tok, d)
-    goal_x = to_model(torch.from_numpy(goal)[None, None], dev)  # (1, 1, 3, R, R)
+    goal_x = to_model(torch.tensor(goal)[None, None], dev)  # (1, 1, 3, R, R)
 
     @torch.inference_mode()
     def cost(a):
@@ -150,7 +150,7 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
 def simulator_cost(sim, goal):
     """The same cost with the environment as a perfect model: from sim's current state, step and render
     every sequence, then put the state back."""
-    start, goal_x = sim.get_state(), to_model(torch.from_numpy(goal)[None, None])
+    start, goal_x = sim.get_state(), to_model(torch.tensor(goal)[None, None])
 
     def cost(a):
         frames = []

@@ -271,7 +271,11 @@ def test_pixel_loss_weighs_the_pixels_that_moved():
     assert pixel_loss(pred, target, prev, m).item() == pytest.approx((10 * 0.25 + 0.25) / (10 + 15))
     target[..., 0, 0] = MOTION_THRESHOLD / 2  # a change under the threshold is sensor noise: not "moved"
     assert pixel_loss(pred, target, prev, m).item() == pytest.approx(F.mse_loss(pred, target).item())
-    x0 = torch.randn(2, 5, 3, 16, 16)  # flow_loss passes it on: a different loss with the same noise
+    # flow_loss passes it on: a different loss with the same noise, on clips where a 4 x 4 square moves and the rest
+    # stands still (in a clip of i.i.d. noise every pixel moves, and the weighted mean is the plain one)
+    x0 = torch.randn(2, 1, 3, 16, 16).repeat(1, 5, 1, 1, 1)
+    for k in range(5):
+        x0[:, k, :, 2:6, 2 + 2 * k:6 + 2 * k] = 1.0
     wm, act = tiny_wm()
     a, b = (flow_loss(wm, None, x0, None, generator=torch.Generator().manual_seed(1), motion_weight=w) for w in (0, 50))
     assert torch.isfinite(b) and not torch.equal(a, b)
@@ -1147,6 +1151,26 @@ def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
         opt.zero_grad(set_to_none=True)
     real = model(x, 'wm', real_actions=torch.rand(2, 3, 2))  # --mode=actions: the real actions in the latent slot
     assert set(real) == {'loss', 'flow'}
+
+
+def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
+    """--motion_weight changes the flow loss of the phases that condition the world model on actions (warm-up,
+    joint, wm, --mode=actions) and leaves pretraining and the LAM's pixel decoder at plain MSE."""
+    settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
+                    codebook_size=8, mode='two_stage', dec_depth=1)
+    x = torch.rand(2, 1, 3, 16, 16).repeat(1, 4, 1, 1, 1) * 2 - 1  # a still scene in which one square moves
+    for k in range(4):
+        x[:, k, :, 4:8, 2 + 2 * k:6 + 2 * k] = 1.0
+    torch.manual_seed(0)
+    plain, weighted = cola.CoLAWorld(settings), cola.CoLAWorld(dict(settings, motion_weight=50.0))
+    weighted.load_state_dict(plain.state_dict())
+    for phase in ('pretrain', 'lam', 'warmup', 'joint', 'wm', 'actions'):
+        losses = []
+        for model in (plain, weighted):
+            torch.manual_seed(1)  # the same noise, times and dropped conditions for both
+            real = torch.rand(2, 3, 2) if phase == 'actions' else None
+            losses.append(model(x, 'wm' if phase == 'actions' else phase, real)['loss'])
+        assert torch.equal(*losses) == (phase in ('pretrain', 'lam')), phase
 
 
 def test_latent_actions_window_like_the_idm():

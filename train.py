@@ -83,6 +83,7 @@ idm_depth = 2           # IDM blocks (depth 4 reached probe R^2 0.39 where 2 rea
 dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_stage only: cola.model_configs)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
 motion_weight = 0.0     # > 0: pixels that changed since the frame before weigh 1 + motion_weight in the flow loss
+                        # wherever actions drive the world model (warm-up, joint, wm; not pretraining)
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
