@@ -258,6 +258,14 @@ def test_flow_loss_context_clean_and_unscored():
     assert not torch.allclose(seen['x'][:, 2:], x0[:, 2:]) and (seen['t'][:, 2:] > 0).all()
 
 
+def moving_square(B, T, res=16):
+    """Clips (B, T, 3, res, res) in [-1, 1]: a still random scene in which a 4 x 4 white square moves 2 px a frame."""
+    x = torch.rand(B, 1, 3, res, res).repeat(1, T, 1, 1, 1) * 2 - 1
+    for k in range(T):
+        x[:, k, :, 4:8, 2 + 2 * k:6 + 2 * k] = 1.0
+    return x
+
+
 def test_pixel_loss_weighs_the_pixels_that_moved():
     """motion_weight m: a pixel that changed since the frame before counts 1 + m times; m = 0 is plain MSE."""
     prev = torch.zeros(1, 1, 3, 4, 4)
@@ -271,11 +279,9 @@ def test_pixel_loss_weighs_the_pixels_that_moved():
     assert pixel_loss(pred, target, prev, m).item() == pytest.approx((10 * 0.25 + 0.25) / (10 + 15))
     target[..., 0, 0] = MOTION_THRESHOLD / 2  # a change under the threshold is sensor noise: not "moved"
     assert pixel_loss(pred, target, prev, m).item() == pytest.approx(F.mse_loss(pred, target).item())
-    # flow_loss passes it on: a different loss with the same noise, on clips where a 4 x 4 square moves and the rest
-    # stands still (in a clip of i.i.d. noise every pixel moves, and the weighted mean is the plain one)
-    x0 = torch.randn(2, 1, 3, 16, 16).repeat(1, 5, 1, 1, 1)
-    for k in range(5):
-        x0[:, k, :, 2:6, 2 + 2 * k:6 + 2 * k] = 1.0
+    # flow_loss passes it on: a different loss with the same noise (on a still scene: in a clip of i.i.d. noise
+    # every pixel moves, and the weighted mean is the plain one)
+    x0 = moving_square(2, 5)
     wm, act = tiny_wm()
     a, b = (flow_loss(wm, None, x0, None, generator=torch.Generator().manual_seed(1), motion_weight=w) for w in (0, 50))
     assert torch.isfinite(b) and not torch.equal(a, b)
@@ -1158,9 +1164,7 @@ def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
     joint, wm, --mode=actions) and leaves pretraining and the LAM's pixel decoder at plain MSE."""
     settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
                     codebook_size=8, mode='two_stage', dec_depth=1)
-    x = torch.rand(2, 1, 3, 16, 16).repeat(1, 4, 1, 1, 1) * 2 - 1  # a still scene in which one square moves
-    for k in range(4):
-        x[:, k, :, 4:8, 2 + 2 * k:6 + 2 * k] = 1.0
+    x = moving_square(2, 4)
     torch.manual_seed(0)
     plain, weighted = cola.CoLAWorld(settings), cola.CoLAWorld(dict(settings, motion_weight=50.0))
     weighted.load_state_dict(plain.state_dict())
