@@ -9,4 +9,5 @@ lam_init_steps = 1500  # the LAM first learns the move on pixels (the two-stage 
 n_context = 1          # one clean context frame: with two, the world model extrapolates 77% of the move
                        # and has little use for the latent
 motion_weight = 10.0   # the pixels that moved weigh 11x in the flow loss where actions drive the world model
-joint_steps = 1500     # a shorter joint phase: the whole run fits 30 minutes on 2 CPU cores
+pretrain_steps = 2000  # shorter pretraining and joint phases: the whole run fits 30 minutes on 2 CPU cores
+joint_steps = 1500
