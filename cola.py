@@ -110,10 +110,7 @@ class CoLAWorld(nn.Module):
         """set_phase, then AdamW over what trains. The AdamW state of parameters that `old` (the previous
         phase's optimizer) already trained is carried over, so warm-up -> joint does not reset the LAM's."""
         params = self.set_phase(phase)
-        # fused on GPU; on CPU one multi-tensor pass (torch's CPU default is a loop over the parameters, the same
-        # numbers bit for bit but slower)
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay,
-                                **(dict(fused=True) if fused else dict(foreach=True)))
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=fused)
         if old is not None:
             for p in params:
                 if p in old.state:

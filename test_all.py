@@ -1159,25 +1159,6 @@ def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
     assert set(real) == {'loss', 'flow'}
 
 
-def test_cpu_optimizer_is_one_multi_tensor_pass_with_the_loops_numbers():
-    """On CPU configure_optimizers takes AdamW's multi-tensor pass (torch's CPU default loops over the parameters,
-    slower); the parameters it gives are the loop's, bit for bit, so the figures measured before stand."""
-    torch.manual_seed(0)
-    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
-                                action_dim=8, codebook_size=8))
-    opt, params = model.configure_optimizers('joint', lr=1e-3)
-    assert opt.defaults['foreach'] and not opt.defaults['fused']
-    twins = [p.detach().clone().requires_grad_() for p in params]
-    loop = torch.optim.AdamW(twins, lr=1e-3, betas=(0.9, 0.99), weight_decay=0.0, foreach=False)
-    for _ in range(3):
-        for p, q in zip(params, twins):
-            p.grad = torch.randn_like(p)
-            q.grad = p.grad.clone()
-        opt.step()
-        loop.step()
-    assert all(torch.equal(p, q) for p, q in zip(params, twins))
-
-
 def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
     """--motion_weight changes the flow loss of the phases that condition the world model on actions (warm-up,
     joint, wm, --mode=actions) and leaves pretraining and the LAM's pixel decoder at plain MSE."""
