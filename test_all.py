@@ -23,7 +23,7 @@ import plan
 import pusht
 import state_probe
 from lam import FSQ, LAM, VQ, LAMConfig, code_stats
-from model import STBlock, patchify, unpatchify
+from model import STBlock, patchify, rope_2d, rotate, unpatchify
 from sim import SENSOR_NOISE, PushSim, generate_episode
 from world_model import MOTION_THRESHOLD, PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, pixel_loss, rollout, sample
 
@@ -74,6 +74,21 @@ def test_causal_temporal_attention():
     y2 = blk(x2, c)
     assert torch.allclose(y[:, :3], y2[:, :3], atol=1e-6), "a future frame leaked into the past"
     assert not torch.allclose(y[:, 3:], y2[:, 3:])
+
+
+def test_rotary_turns_each_pair_and_attention_sees_offsets_only():
+    torch.manual_seed(0)
+    cos, sin = rope_2d(4, 8)  # a 4 x 4 grid of patches, heads of width 8
+    x = torch.randn(16, 8)
+    # each channel pair (2i, 2i+1), read as the complex number x_2i + j x_2i+1, turns by its angle
+    ang = torch.atan2(sin, cos)[:, 0::2].double()
+    ref = torch.view_as_real(torch.view_as_complex(x.double().view(16, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang))
+    assert torch.allclose(rotate(x, cos, sin).double(), ref.flatten(-2), atol=1e-6)
+    # one query and one key at every patch: their score depends on the offset between the patches alone
+    q, k = rotate(torch.randn(8).expand(16, 8), cos, sin), rotate(torch.randn(8).expand(16, 8), cos, sin)
+    score = lambda a, b: (q[a[0] * 4 + a[1]] * k[b[0] * 4 + b[1]]).sum()
+    assert torch.allclose(score((0, 0), (1, 2)), score((2, 1), (3, 3)), atol=1e-5)
+    assert not torch.allclose(score((0, 0), (1, 2)), score((0, 0), (2, 1)), atol=1e-3)
 
 
 # ----------------------------------------------------------------------------------------------------
