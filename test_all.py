@@ -82,7 +82,8 @@ def test_rotary_turns_each_pair_and_attention_sees_offsets_only():
     x = torch.randn(16, 8)
     # each channel pair (2i, 2i+1), read as the complex number x_2i + j x_2i+1, turns by its angle
     ang = torch.atan2(sin, cos)[:, 0::2].double()
-    ref = torch.view_as_real(torch.view_as_complex(x.double().view(16, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang))
+    turned = torch.view_as_complex(x.double().view(16, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
+    ref = torch.view_as_real(turned)
     assert torch.allclose(rotate(x, cos, sin).double(), ref.flatten(-2), atol=1e-6)
     # one query and one key at every patch: their score depends on the offset between the patches alone
     q, k = rotate(torch.randn(8).expand(16, 8), cos, sin), rotate(torch.randn(8).expand(16, 8), cos, sin)
