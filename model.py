@@ -44,22 +44,20 @@ def sincos_2d(n_side, dim):
 
 
 def rope_2d(n_side, head_dim, base=100.0):
-    """2-D rotary position tables (cos, sin), each (n_side*n_side, head_dim), for row-major patches: the first
-    half of a head's channel pairs turn with the patch's row, the second half with its column; the two channels
-    of a pair (2i, 2i+1) share their angle."""
+    """2-D rotary position tables (cos, sin), each (n_side*n_side, head_dim/2), for row-major patches: the
+    first half of a head's channel pairs turn with the patch's row, the second half with its column."""
     assert head_dim % 4 == 0, "head width must be divisible by 4 for 2-D rotary embeddings"
     freqs = base ** (-torch.arange(head_dim // 4, dtype=torch.float64) / (head_dim // 4))
     ys, xs = torch.meshgrid(torch.arange(n_side, dtype=torch.float64), torch.arange(n_side, dtype=torch.float64),
                             indexing='ij')
-    ang = torch.cat([ys.flatten()[:, None] * freqs, xs.flatten()[:, None] * freqs], 1).repeat_interleave(2, 1)
+    ang = torch.cat([ys.flatten()[:, None] * freqs, xs.flatten()[:, None] * freqs], 1)
     return ang.cos().float(), ang.sin().float()
 
 
 def rotate(x, cos, sin):
-    """Apply rotary tables (L, d) to x (..., L, d): each channel pair (x1, x2) = (x_2i, x_2i+1) turns by its
-    angle to (x1 cos - x2 sin, x1 sin + x2 cos), computed as x cos + (-x2, x1) sin (one pass over x fewer)."""
+    """Apply rotary tables (L, d/2) to x (..., L, d): each channel pair (2i, 2i+1) turns by its angle."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    return x * cos + torch.stack([-x2, x1], -1).flatten(-2) * sin
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1).flatten(-2)
 
 
 # ----------------------------------------------------------------------------------------------------

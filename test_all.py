@@ -81,7 +81,7 @@ def test_rotary_turns_each_pair_and_attention_sees_offsets_only():
     cos, sin = rope_2d(4, 8)  # a 4 x 4 grid of patches, heads of width 8
     x = torch.randn(16, 8)
     # each channel pair (2i, 2i+1), read as the complex number x_2i + j x_2i+1, turns by its angle
-    ang = torch.atan2(sin, cos)[:, 0::2].double()
+    ang = torch.atan2(sin, cos).double()  # (patches, pairs)
     turned = torch.view_as_complex(x.double().view(16, 4, 2).contiguous()) * torch.polar(torch.ones_like(ang), ang)
     ref = torch.view_as_real(turned)
     assert torch.allclose(rotate(x, cos, sin).double(), ref.flatten(-2), atol=1e-6)
