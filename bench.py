@@ -60,15 +60,17 @@ def timed(step_fn, n):
 def cola_step(model, x):
     """One joint-phase step of the model's own loss and optimizer (CoLAWorld.forward, configure_optimizers),
     as train.py runs it, soft-to-hard quantization on."""
-    opt, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda)
+    model.set_phase('joint')
+    opts, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda)
 
     def step():
         with autocast:
             loss = model(x, 'joint', p_relax=0.5)['loss']
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
     return step
 
 

@@ -4,6 +4,7 @@ CoLA-World, the model: the world model (`wm`), its action conditioning (`action`
 forward/configure_optimizers), its rollouts, and its checkpoints (names: README, "Files a run writes").
 train.py trains it; sample.py, eval.py and plan.py load it; the measurements are in measure.py.
 """
+import math
 import os
 from contextlib import nullcontext
 
@@ -34,6 +35,19 @@ def model_configs(s):
     fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames,
                  patch=s.get('idm_patch') or wm_cfg.patch)  # the LAM's own patch, finer for small agents
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
+    for cfg, keys in ((wm_cfg, ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width', 'n_action_tokens',
+                                'action_dim')), (lam_cfg, ('patch', 'idm_depth', 'codebook_size'))):
+        for k in keys:
+            if not getattr(cfg, k) > 0:
+                raise ValueError(f"--{'idm_patch' if cfg is lam_cfg and k == 'patch' else k} must be positive, "
+                                 f"got {getattr(cfg, k)}")
+    for flag, p in (('patch', wm_cfg.patch), ('idm_patch', lam_cfg.patch)):
+        if wm_cfg.res % p:
+            raise ValueError(f"--res={wm_cfg.res} must be divisible by --{flag}={p}")
+    if wm_cfg.width % wm_cfg.n_heads:
+        raise ValueError(f"--width={wm_cfg.width} must be divisible by --n_heads={wm_cfg.n_heads}")
+    if lam_cfg.quantizer not in ('vq', 'fsq', 'none'):
+        raise ValueError(f"--quantizer must be one of vq, fsq, none; got {lam_cfg.quantizer!r}")
     if not 1 <= wm_cfg.n_context < wm_cfg.n_frames:
         raise ValueError(f"--n_context={wm_cfg.n_context} must be at least 1 and below n_frames={wm_cfg.n_frames}")
     return wm_cfg, lam_cfg
@@ -53,6 +67,52 @@ def real_latents(actions, lam_cfg):
     z = actions.new_zeros(*actions.shape[:-1], slot)
     z[..., :actions.shape[-1]] = actions
     return z.view(*actions.shape[:-1], lam_cfg.n_action_tokens, lam_cfg.action_dim)
+
+
+def orthogonalise(G, steps=5, coefficients=(3.4445, -4.775, 2.0315)):
+    """Newton-Schulz iteration (Jordan et al. 2024): matrices G (..., m, n) -> about U V^T of their SVDs (the
+    singular values land in ~[0.7, 1.2], which trains as well as exactly 1). Batched over the leading dims."""
+    a, b, c = coefficients
+    wide = G.shape[-2] <= G.shape[-1]
+    X = G if wide else G.mT
+    X = X / X.norm(dim=(-2, -1), keepdim=True).clamp(min=1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X if wide else X.mT
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for 2-D weights: Nesterov momentum, then the update orthogonalised (orthogonalise) and scaled by
+    0.2 sqrt(max(m, n)) to the RMS of an AdamW update, so that one learning rate serves both optimizers.
+    This is torch.optim.Muon's update with adjust_lr_fn='match_rms_adamw', computed in fp32 and one batched
+    product per weight shape: torch's runs Newton-Schulz in bf16 one matrix at a time, which on a CPU without
+    bf16 units took 425 ms a step where AdamW takes 10 (NOTES.md, "More world model per CPU minute")."""
+
+    def __init__(self, params, lr, momentum=0.95, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            by_shape = {}  # weights of one shape are orthogonalised in one batched product
+            for p in group['params']:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault('momentum_buffer', torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - group['momentum'])
+                by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, group['momentum'])))  # Nesterov
+            for shape, items in by_shape.items():
+                lr = group['lr'] * 0.2 * math.sqrt(max(shape))
+                for (p, _), u in zip(items, orthogonalise(torch.stack([g for _, g in items]))):
+                    p.mul_(1 - group['lr'] * group['weight_decay']).add_(u, alpha=-lr)
+
+
+def is_hidden_matrix(name, p):
+    """Muon's share of the weights: the 2-D matrices inside the transformer blocks, the timestep MLP and the
+    action encoder's output MLP. Embeddings, heads, positions, the codebook, norms and biases stay with AdamW
+    (Muon orthogonalises a matrix's update, which suits maps between hidden features only)."""
+    return p.ndim == 2 and name.endswith('.weight') and any(k in name for k in ('blocks.', 't_embed.', 'action.out.'))
 
 
 class CoLAWorld(nn.Module):
@@ -106,16 +166,24 @@ class CoLAWorld(nn.Module):
             getattr(self, name).requires_grad_(name in self.PHASES[phase]).train(name in self.PHASES[phase])
         return [p for name in self.PHASES[phase] for p in getattr(self, name).parameters()]
 
-    def configure_optimizers(self, phase, lr, weight_decay=0.0, fused=False, old=None):
-        """set_phase, then AdamW over what trains. The AdamW state of parameters that `old` (the previous
-        phase's optimizer) already trained is carried over, so warm-up -> joint does not reset the LAM's."""
-        params = self.set_phase(phase)
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=fused)
-        if old is not None:
-            for p in params:
-                if p in old.state:
-                    opt.state[p] = old.state[p]
-        return opt, params
+    def configure_optimizers(self, phase, lr, weight_decay=0.0, fused=False, old=None, muon=False):
+        """The optimizers of what `phase` trains (freezing the rest is set_phase's job): AdamW, or with `muon` Muon
+        on the hidden weight matrices (is_hidden_matrix) and AdamW on the rest. Returns (list of optimizers,
+        parameters that train). The state of parameters that `old` (the previous phase's optimizers) already
+        trained is carried over, so warm-up -> joint does not reset the LAM's."""
+        named = [(f'{m}.{n}', p) for m in self.PHASES[phase] for n, p in getattr(self, m).named_parameters()]
+        params = [p for _, p in named]
+        hidden = [p for n, p in named if muon and is_hidden_matrix(n, p)]
+        rest = [p for n, p in named if not (muon and is_hidden_matrix(n, p))]
+        opts = [torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=fused)]
+        if hidden:  # Muon's update is scaled to AdamW's RMS, so one learning rate serves both
+            opts.append(Muon(hidden, lr=lr, weight_decay=weight_decay))
+        for o_new in opts:
+            for p in o_new.param_groups[0]['params']:
+                for o_old in old or []:
+                    if p in o_old.state and type(o_old) is type(o_new):
+                        o_new.state[p] = o_old.state[p]
+        return opts, params
 
     @torch.inference_mode()
     def latent_actions(self, clips):

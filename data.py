@@ -174,11 +174,14 @@ def _pack(out_dir, res, episodes, shard_frames, src, src_files=None):
         meta = dict(res=res, source=str(src), src_files=src_files, shards=shards, episodes=index,
                     action_dim=dims['action'], state_dim=dims['state'])
         atomic_save(os.path.join(out_dir, INDEX), lambda f: f.write(json.dumps(meta).encode()))
-    except BaseException:  # Ctrl-C included: leave no shards that no index describes
+    except BaseException as e:  # Ctrl-C included: leave no shards that no index describes
         if fh is not None:
-            fh.close()
+            with suppress(OSError):  # closing flushes, and on a full disk that fails too
+                fh.close()
         for f in filter(stale, os.listdir(out_dir)):
             os.remove(os.path.join(out_dir, f))
+        if isinstance(e, OSError) and e.strerror:  # a full disk: the folder and the cause, in one line
+            raise OSError(e.errno, f"cannot prepare {out_dir}: {e.strerror}") from None
         raise
     return out_dir
 
@@ -209,6 +212,9 @@ def prepare(src, out_dir, res, clip_len=None, skip_bad=False, shard_frames=20_00
                 ep = load(k)
                 if clip_len and len(ep['frames']) < clip_len:
                     raise ValueError(f"{path}: {len(ep['frames'])} frames, shorter than clip_len={clip_len}")
+                for key in ('actions', 'states'):  # a NaN here would poison a run hours later, far from its file
+                    if ep[key] is not None and not np.isfinite(ep[key]).all():
+                        raise ValueError(f"{path}: its {key} hold NaN or inf (use --skip_bad to leave it out)")
             except ValueError as e:
                 if not skip_bad:
                     raise

@@ -57,7 +57,7 @@ device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 t_start = time.time()
 try:
     model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
-except (ValueError, FileNotFoundError) as e:
+except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
     fail(str(e))
 nc, lam, size = wm_cfg.n_context, model.lam, model.lam.quantizer.size
 rnd = lambda v: [round(x, 4) for x in v] if isinstance(v, list) else round(v, 4)

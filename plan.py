@@ -296,7 +296,7 @@ def main():
                 raise ValueError(f"{sampler.dir} has no actions: the adapter needs labelled episodes")
             adapter, losses = measure.train_adapter(torch.cat(acts), torch.cat(z_e), adapter_steps, seed=seed)
             print(f"adapter fit on {len(z_e)} labelled episodes: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
         fail(str(e))
     except ImportError as e:
         fail(f"{e}: PushT needs `pip install -r requirements-pusht.txt`")

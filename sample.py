@@ -55,7 +55,7 @@ configure(globals(), sys.argv[1:])
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 try:
     model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
-except (ValueError, FileNotFoundError) as e:
+except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
     fail(str(e))
 nc, quantizer = wm_cfg.n_context, model.lam.quantizer
 os.makedirs(out_dir, exist_ok=True)

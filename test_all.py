@@ -462,6 +462,46 @@ def test_bad_and_short_files_are_named(tmp_path):
     assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
 
 
+def test_non_finite_actions_or_states_are_named_or_skipped(tmp_path):
+    """A NaN or inf in an episode's actions or states is refused while preparing, naming the file, or the file
+    is left out with --skip_bad: it would otherwise poison a run hours later, far from its cause."""
+    _write_npz(tmp_path, 'good.npz', 8)
+    for key in ('actions', 'states'):
+        ep = _write_npz(tmp_path, 'bad.npz', 8)
+        ep[key][2, 0] = np.inf if key == 'states' else np.nan
+        np.savez(tmp_path / 'bad.npz', frames=ep['frames'], actions=ep['actions'], states=ep['states'])
+        with pytest.raises(ValueError, match=f'bad.npz: its {key} hold NaN or inf'):
+            data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
+        with pytest.warns(UserWarning, match='bad.npz'):
+            out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, skip_bad=True)
+        assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
+
+
+class FullDisk:
+    """A file whose writes fail after the first `room` bytes, with ENOSPC, as on a full disk."""
+    def __init__(self, path, mode, room):
+        self.f, self.room, self.name = open(path, mode), room, path
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+
+
+def test_a_full_disk_while_preparing_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    for i in range(3):
+        _write_npz(tmp_path, f'e{i}.npz', 8, seed=i)
+    monkeypatch.setattr(data, 'open', lambda path, mode='r': FullDisk(path, mode, 5000), raising=False)
+    out = str(tmp_path / 'p')
+    with pytest.raises(OSError, match=f'^\\[Errno 28\\] cannot prepare {re.escape(out)}: No space left on device$'):
+        data.prepare(str(tmp_path), out, 16)
+    assert os.listdir(out) == []  # no shard, no index: the next run prepares it anew
+
+
 def test_resolve_data_errors_and_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match='--data'):
         data.resolve_data(str(tmp_path / 'missing'), 16)
@@ -884,6 +924,8 @@ def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     train(out, '--resume', *flags, data_dir=tiny_data)
     a, b = log_of(ref), log_of(out)
     assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in b]
+    changed = train(out, '--resume', *flags, '--stop_at=170', '--lr=5e-3', data_dir=tiny_data)  # past the end: no step
+    assert "--resume: --lr changed from the checkpoint's 0.001 to 0.005" in changed.stdout
     # --stop_at: the same, at a step of our choosing; a second stop there trains nothing (experiments.py reruns)
     at = str(tmp_path / 'at')
     train(at, *flags, '--stop_at=170', data_dir=tiny_data)
@@ -892,6 +934,21 @@ def test_sigterm_checkpoint_and_exact_resume(tiny_data, tmp_path):
     assert ckpt(at)['step'] == 170
     train(at, '--resume', *flags, data_dir=tiny_data)
     assert [(r['step'], r['loss']) for r in a] == [(r['step'], r['loss']) for r in log_of(at)]
+
+
+@pytest.mark.slow
+def test_muon_and_wsd_resume_exactly(tiny_data, tmp_path):
+    """--optimizer=muon keeps two optimizers whose states a checkpoint holds, so a stopped run resumes bit for bit;
+    --lr_schedule=wsd holds the peak, then cools down linearly to 0 over the last `cooldown` of each phase."""
+    flags = ['--optimizer=muon', '--lr_schedule=wsd', '--cooldown=0.5', '--pretrain_steps=4', '--warmup_steps=2',
+             '--joint_steps=4', '--eval_clips=0']
+    ref, cut = str(tmp_path / 'ref'), str(tmp_path / 'cut')
+    train(ref, *flags, data_dir=tiny_data)
+    train(cut, *flags, '--stop_at=7', data_dir=tiny_data)
+    train(cut, '--resume', *flags, data_dir=tiny_data)
+    assert [(r['step'], r['loss']) for r in log_of(ref)] == [(r['step'], r['loss']) for r in log_of(cut)]
+    assert [r['lr'] for r in log_of(ref)][:4] == [1e-3, 1e-3, 1e-3, 5e-4]  # pretraining: warm-up 1, cool-down 2
+    assert len(ckpt(ref)['optimizer']) == 2  # AdamW and Muon
 
 
 @pytest.mark.slow
@@ -912,7 +969,16 @@ def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
              (['--data=/no/such/dir'], 'no such folder'),
              ([f'--data={tmp_path}'], 'empty dataset'),
              ([f'--data={tiny_data}', '--n_frames=13'], 'has 13 frames'),
-             ([f'--data={tiny_data}', '--width=64', f'--init_from={pretrained}/ckpt.pt'], 'incompatible config')]
+             ([f'--data={tiny_data}', '--width=64', f'--init_from={pretrained}/ckpt.pt'], 'incompatible config'),
+             # settings are refused before any data is prepared (no --data: the built-in one is never built)
+             (['--res=30'], '--res=30 must be divisible by --patch=4'),
+             (['--idm_patch=3'], '--res=16 must be divisible by --idm_patch=3'),
+             (['--batch_size=0'], '--batch_size must be positive, got 0'),
+             (['--pretrain_steps=-5'], '--pretrain_steps must be at least 0, got -5'),
+             (['--cond_drop=1.5'], '--cond_drop must be in [0, 1], got 1.5'),
+             (['--mode=bogus'], '--mode must be one of pretrain, cola, two_stage, frozen_lam, actions'),
+             (['--quantizer=xx'], '--quantizer must be one of vq, fsq, none'),
+             (['--n_context=4'], '--n_context=4 must be at least 1 and below n_frames=4')]
     for flags, msg in cases:
         r = train(str(tmp_path / 'o'), *flags, check=False)
         assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])
@@ -1153,26 +1219,61 @@ def test_identical_clips_score_finite():
 
 
 def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
-    """model(x, phase) -> loss; configure_optimizers(phase) trains exactly CoLAWorld.PHASES[phase] and carries
-    the AdamW state of what trained before (warm-up -> joint keeps the LAM's moments)."""
+    """model(x, phase) -> loss; set_phase(phase) and configure_optimizers(phase) train exactly CoLAWorld.PHASES[phase],
+    the optimizer carries the AdamW state of what trained before (warm-up -> joint keeps the LAM's moments), and
+    building it has no side effects."""
     torch.manual_seed(0)
     model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
                                 action_dim=8, codebook_size=8, mode='two_stage', dec_depth=1))
     x, opt = torch.rand(2, 4, 3, 16, 16) * 2 - 1, None
     for phase in ('pretrain', 'warmup', 'joint', 'lam', 'wm'):
+        before = [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
         old, (opt, params) = opt, model.configure_optimizers(phase, lr=1e-3, old=opt)
+        assert before == [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
+        model.set_phase(phase)  # building an optimizer changes nothing; set_phase freezes what the phase leaves
         if phase == 'joint':  # the LAM's moments from the warm-up step came along
-            assert opt.state[model.lam.idm.embed.weight]['step'] == 1
+            assert opt[0].state[model.lam.idm.embed.weight]['step'] == 1
         out = model(x, phase, p_relax=0.5)
         assert out['loss'].ndim == 0 and ('recon' if phase == 'lam' else 'flow') in out
         out['loss'].backward()
         for name in cola.CoLAWorld.MODULES:
             got_grad = any(p.grad is not None for p in getattr(model, name).parameters())
             assert got_grad == (name in cola.CoLAWorld.PHASES[phase]), (phase, name)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        opt[0].step()
+        opt[0].zero_grad(set_to_none=True)
     real = model(x, 'wm', real_actions=torch.rand(2, 3, 2))  # --mode=actions: the real actions in the latent slot
     assert set(real) == {'loss', 'flow'}
+
+
+def test_muon_is_torchs_update_in_fp32_on_the_hidden_matrices_only():
+    """cola.Muon makes torch.optim.Muon's step (Nesterov momentum, Newton-Schulz, AdamW-matched RMS, decoupled weight
+    decay) up to torch's bf16 rounding; with muon=True it trains exactly the blocks' 2-D weights, AdamW the rest."""
+    torch.manual_seed(0)
+    ours = [torch.randn(192, 64, requires_grad=True), torch.randn(64, 256, requires_grad=True),
+            torch.randn(192, 64, requires_grad=True)]
+    ref = [w.detach().clone().requires_grad_() for w in ours]
+    start = [w.detach().clone() for w in ours]
+    opts = (cola.Muon(ours, lr=1e-2, weight_decay=0.1),
+            torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'))
+    for _ in range(3):
+        for w, r in zip(ours, ref):
+            w.grad = torch.randn_like(w)
+            r.grad = w.grad.clone()
+        for o in opts:
+            o.step()
+    for w, r, w0 in zip(ours, ref, start):
+        assert torch.linalg.norm((w - w0) - (r - w0)) < 0.02 * torch.linalg.norm(r - w0)
+    s = torch.linalg.svdvals(cola.orthogonalise(torch.randn(3, 64, 192)))
+    assert s.min() > 0.5 and s.max() < 1.5  # about orthogonal, batched over the leading dim
+    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
+                                action_dim=8, codebook_size=8))
+    (adamw, muon), params = model.configure_optimizers('joint', lr=1e-3, muon=True)
+    named = dict(model.named_parameters())
+    in_muon = {n for n, p in named.items() if any(p is q for q in muon.param_groups[0]['params'])}
+    assert 'wm.blocks.0.spatial.qkv.weight' in in_muon and 'lam.idm.blocks.0.mlp.0.weight' in in_muon
+    assert not in_muon & {'wm.embed.weight', 'wm.head.weight', 'wm.pos_time', 'lam.quantizer.codebook',
+                          'wm.blocks.0.spatial.qkv.bias', 'action.inp.weight'}
+    assert len(adamw.param_groups[0]['params']) + len(in_muon) == len(params) == len(named)
 
 
 def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
@@ -1325,6 +1426,24 @@ def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
         a = torch.rand(2, 4, 2) * 2 - 1
         z = lambda acts: cola.real_latents(acts, model.lam.cfg)
         assert not torch.equal(model.simulate(clips, z(a)), model.simulate(clips, z(-a)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('program', ['train.py', 'eval.py', 'sample.py', 'plan.py', 'bench.py', 'experiments.py'])
+def test_help_lists_every_setting_with_its_default_and_comment(program):
+    """--help and -h print the docstring and the settings block as the file writes it, and exit 0: every flag
+    that the program accepts is there, with its default."""
+    helped = run(program, '--help')
+    assert helped.returncode == 0 and helped.stderr == '', helped.stderr[-500:]
+    valid = run(program, '--no_such_flag=1').stderr.split('valid flags: ')[1].split()
+    src = open(os.path.join(HERE, program)).read()
+    for flag in valid:
+        line = next(l for l in helped.stdout.splitlines() if l.startswith(f'{flag[2:]} = '))
+        assert line in src.splitlines()  # the file's own line: default and comment
+    assert src.split('"""')[1].strip().splitlines()[0] in helped.stdout  # the docstring's first line
+    if program == 'train.py':
+        assert run(program, '-h').stdout == helped.stdout
+        assert "lr = 1e-3               # peak learning rate" in helped.stdout
 
 
 @pytest.mark.slow

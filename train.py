@@ -34,7 +34,7 @@ from tqdm import tqdm
 import cola
 import measure
 from cola import CoLAWorld
-from configurator import configure, fail
+from configurator import check, configure, fail
 from data import ClipSampler, resolve_data
 from lam import code_stats
 
@@ -87,10 +87,13 @@ motion_weight = 0.0     # > 0: pixels that changed since the frame before weigh 
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
+optimizer = 'adamw'     # 'adamw' | 'muon': Muon on the hidden weight matrices, AdamW on the rest (cola.is_hidden_matrix)
 lr = 1e-3               # peak learning rate
 actions_lr = 2e-3       # peak learning rate of --mode=actions (measured best there: NOTES.md)
 min_lr = 1e-4
 lr_warmup = 50          # linear LR warm-up steps at the start of every phase
+lr_schedule = 'cosine'  # 'cosine' (to min_lr) | 'wsd' (warmup-stable-decay: constant, then linear to 0)
+cooldown = 0.2          # wsd: the fraction of each phase that cools down
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
@@ -117,10 +120,16 @@ SCHEDULES = {'pretrain': [('pretrain', pretrain_steps)],
              # the ceiling of every latent-action result: the WM and action modules trained on the dataset's
              # real actions, put in the latent-action slot (cola.real_latents); no pretraining, no LAM
              'actions': [('wm', actions_steps)]}
-if mode not in SCHEDULES:
-    fail(f"--mode must be one of {', '.join(SCHEDULES)}, got {mode!r}")
-if not 0 <= relax_anneal < 1:
-    fail(f"--relax_anneal is a fraction of the LAM's training steps in [0, 1), got {relax_anneal}")
+# bad settings stop here, in one line, before any data is prepared (the model's sizes: cola.model_configs)
+check(config, positive=('batch_size', 'grad_accum', 'lr', 'actions_lr', 'log_interval', 'ckpt_interval', 'eval_len',
+                        'sample_steps', 'grad_clip'),
+      non_negative=('pretrain_steps', 'warmup_steps', 'joint_steps', 'lam_steps', 'lam_init_steps', 'wm_steps',
+                    'actions_steps', 'stop_at', 'lr_warmup', 'min_lr', 'weight_decay', 'eval_clips', 'motion_weight',
+                    'frame_stride'),
+      fraction=('cond_drop', 'cooldown'),
+      choices=dict(mode=tuple(SCHEDULES), optimizer=('adamw', 'muon'), lr_schedule=('cosine', 'wsd')))
+if not 0 <= relax_anneal < 1 or not 0 <= ema_decay < 1:
+    fail(f"--relax_anneal and --ema_decay must be in [0, 1), got {relax_anneal} and {ema_decay}")
 schedule = [(p, n) for p, n in SCHEDULES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
 
 # distributed (torchrun sets RANK) and device
@@ -148,6 +157,9 @@ try:
     init_ckpt = cola.load_checkpoint(init_from, device) if init_from and not resume else None
     if resumed is not None:
         cola.check_compatible(resumed, config, ckpt_path)
+        for k in sorted(config):  # allowed, as in nanoGPT, but said out loud: the run is no longer one recipe
+            if master and k not in ('resume', 'stop_at') and resumed['config'].get(k, config[k]) != config[k]:
+                print(f"--resume: --{k} changed from the checkpoint's {resumed['config'][k]!r} to {config[k]!r}")
     if init_ckpt is not None:
         cola.check_compatible(init_ckpt, config, init_from, modules=('wm',))
     if ddp and not master:
@@ -158,7 +170,7 @@ try:
     sampler = ClipSampler(data_dir, wm_cfg.n_frames, 'train', seed=seed, rank=rank, world_size=n_procs)
     if mode == 'actions':
         cola.real_latents(torch.zeros(1, 1, sampler.action_dim or 0), model.lam.cfg)  # checks the sizes
-except (ValueError, FileNotFoundError) as e:
+except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
     fail(str(e))
 if init_ckpt is not None:
     model.wm.load_state_dict(init_ckpt.get('ema_wm') or init_ckpt['wm'])
@@ -178,19 +190,23 @@ if resumed is not None:
         torch.manual_seed(seed + rank + 1000 * step)
 
 
-def start_phase(phase, old_opt=None):
-    """Freeze what the phase does not train, build its optimizer (CoLAWorld.configure_optimizers), and wrap
-    the model the loop calls: DDP over what trains, optionally compiled."""
-    opt, params = model.configure_optimizers(phase, lr, weight_decay, fused=cuda, old=old_opt)
+def start_phase(phase, old_opts=None):
+    """Freeze what the phase does not train (CoLAWorld.set_phase), build its optimizers, and wrap the model the
+    loop calls: DDP over what trains, optionally compiled."""
+    model.set_phase(phase)
+    opts, params = model.configure_optimizers(phase, lr, weight_decay, fused=cuda, old=old_opts, muon=optimizer == 'muon')
     wrapped = DDP(model, device_ids=[local_rank] if cuda else None) if ddp else model
-    return opt, params, torch.compile(wrapped) if compile else wrapped
+    return opts, params, torch.compile(wrapped) if compile else wrapped
 
 
 def lr_at(i, n):
-    """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr."""
+    """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr, or (wsd) constant and a
+    linear cool-down to 0 over the last `cooldown` of the phase."""
     peak = actions_lr if mode == 'actions' else lr
     if i < lr_warmup:
         return peak * (i + 1) / lr_warmup
+    if lr_schedule == 'wsd':
+        return peak * min(1.0, (n - i) / max(1.0, cooldown * n))
     return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (peak - min_lr)
 
 
@@ -214,7 +230,7 @@ def grad_norm(module):
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in gs])).item() if gs else 0.0
 
 
-def save(phase, opt):
+def save(phase, opts):
     """Every rank's RNG streams go in, so that --resume continues each rank exactly, and a fingerprint
     of every rank's weights, to show that DDP kept them identical; rank 0 writes."""
     fingerprint = sum(p.detach().double().square().sum().item() + p.detach().double().sum().item()
@@ -230,7 +246,7 @@ def save(phase, opt):
             print(f"warning: the ranks' weights differ at step {step}: {[r['fingerprint'] for r in ranks]}")
         try:
             cola.save_checkpoint(dict(**{k: getattr(model, k).state_dict() for k in CoLAWorld.MODULES}, ema_wm=ema,
-                                      config=config, step=step, phase=phase, optimizer=opt.state_dict(), ranks=ranks),
+                                      config=config, step=step, phase=phase, optimizer=[o.state_dict() for o in opts], ranks=ranks),
                                  ckpt_path)
         except OSError as e:  # a full disk, a folder made read-only: the last good checkpoint stays as it was
             kept = f"the last good checkpoint {ckpt_path} is left as it was" if os.path.isfile(ckpt_path) else \
@@ -267,19 +283,22 @@ if master:
 if 0 < stop_at <= step:  # resumed at or past the stop: nothing to train (a rerun after the stop's checkpoint)
     print(f"step {step} is at or past --stop_at={stop_at}: nothing to train; {ckpt_path} is left as it was")
     sys.exit(0)
-end, opt = 0, None
-if resumed is not None:  # the optimizer as it was saved, handed on like the end of a phase
-    opt = start_phase(resumed['phase'])[0]
-    opt.load_state_dict(resumed['optimizer'])
+end, opts = 0, None
+if resumed is not None:  # the optimizers as they were saved, handed on like the end of a phase
+    opts = start_phase(resumed['phase'])[0]
+    if not isinstance(resumed['optimizer'], list) or len(resumed['optimizer']) != len(opts):
+        fail(f"{ckpt_path} was written with another --optimizer than {optimizer!r}; resume with that one")
+    for o, state in zip(opts, resumed['optimizer']):
+        o.load_state_dict(state)
 for phase, n_steps in schedule:
     begin, end = end, end + n_steps
     if step >= end:  # finished before a resume
         continue
-    opt, params, step_model = start_phase(phase, opt)
+    opts, params, step_model = start_phase(phase, opts)
     t_phase, t_log, steps_in_window, codes_window, restarts_window = time.time(), time.time(), 0, [], 0
     bar = tqdm(total=n_steps, initial=step - begin, desc=phase, disable=not master, dynamic_ncols=True)
     while step < end:
-        for g in opt.param_groups:
+        for g in (g for o in opts for g in o.param_groups):
             g['lr'] = lr_at(step - begin, n_steps)
         for micro in range(grad_accum):
             batch = sampler.sample(batch_size, device)
@@ -300,8 +319,9 @@ for phase, n_steps in schedule:
             print(f"error: non-finite loss {loss} (grad norm {total_norm}) at step {step + 1} in phase {phase}; "
                   f"stopping, the last good checkpoint {ckpt_path} is left as it was", file=sys.stderr)
             sys.exit(1)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
         if ema is not None and 'wm' in CoLAWorld.PHASES[phase]:
             with torch.no_grad():
                 for k, v in model.wm.state_dict().items():
@@ -310,7 +330,7 @@ for phase, n_steps in schedule:
         steps_in_window += 1
         bar.update(1)
         if logging and master:
-            rec = dict(step=step, phase=phase, loss=loss, lr=opt.param_groups[0]['lr'],
+            rec = dict(step=step, phase=phase, loss=loss, lr=opts[0].param_groups[0]['lr'],
                        ms_per_step=1000 * (time.time() - t_log) / steps_in_window,
                        **{k: out[k].item() for k in ('flow', 'recon') if k in out}, **norms,
                        grad_total=total_norm, phase_wall_s=time.time() - t_phase)
@@ -328,7 +348,7 @@ for phase, n_steps in schedule:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stopping = bool(flag.item())
         if step % ckpt_interval == 0 or step == end or stopping:
-            save(phase, opt)
+            save(phase, opts)
         if stopping:
             if master:
                 print(f"\nstopped {'by signal' if stop_signal else '(--stop_at)'} at step {step}; checkpoint saved "
