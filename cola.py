@@ -1,8 +1,9 @@
 """
 CoLA-World, the model: the world model (`wm`), its action conditioning (`action`) and the latent action model
-(`lam`) in one module that owns the training loss of every phase and its optimizer (as nanoGPT's GPT owns
-forward/configure_optimizers), its rollouts, and its checkpoints (names: README, "Files a run writes").
-train.py trains it; sample.py, eval.py and plan.py load it; the measurements are in measure.py.
+(`lam`) in one module that owns the training loss of every phase and its optimizers (as nanoGPT's GPT owns
+forward/configure_optimizers), what drives its world model, its rollouts, and its checkpoints (names: README,
+"Files a run writes"). train.py trains it; sample.py, eval.py, plan.py and play.py load it (measure.open_run).
+Imports the model's parts only: lam.py, world_model.py.
 """
 import math
 import os
@@ -12,7 +13,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import atomic_save, resolve_data, ClipSampler
 from lam import LAM, LAMConfig
 from world_model import PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, rollout
 
@@ -122,12 +122,21 @@ class CoLAWorld(nn.Module):
     action  ActionEncoder: the new modules that condition the world model on latent actions
     lam     LAM: the IDM and its quantizer (and, in the two-stage baseline, the pixel decoder)
 
-    PHASES says what each phase trains; set_phase freezes the rest. `cond_drop` (the null action's
-    probability, for classifier-free guidance) and `motion_weight` are settings. motion_weight (flow_loss) weighs
-    the moved pixels only where the world model is driven by actions: it makes the action matter to the loss;
-    pretraining has no action, and on the pixel decoder it cost the LAM a third of the move (NOTES.md, "PushT").
+    What drives the world model is decided once, from the settings: the IDM's latent actions, or for a model
+    made with mode 'actions' (`real_actions`) the dataset's own actions in the latent-action slot (real_latents).
+    `drive` and `encode_actions` give a program what it needs either way, so no program asks which it is.
+    `cond_drop` (the null action's probability, for classifier-free guidance) and `motion_weight` are settings.
+    motion_weight (flow_loss) weighs the moved pixels only where the world model is driven by actions: it makes
+    the action matter to the loss; pretraining has no action, and on the pixel decoder it cost the LAM a third
+    of the move (NOTES.md, "PushT").
     """
     MODULES = ('wm', 'action', 'lam')
+    # phase      trains (PHASES)       frozen by set_phase         what drives the world model
+    # pretrain   wm                    action, lam                 nothing: action-free video prediction
+    # warmup     lam, action           wm (still in the graph)     the IDM's latent actions
+    # joint      lam, action, wm       -                           the IDM's latent actions
+    # lam        lam (+ its decoder)   wm, action                  - (the pixel decoder reads the latents)
+    # wm         action, wm            lam                         the frozen IDM's latents, or the real actions
     PHASES = {'pretrain': ('wm',), 'warmup': ('lam', 'action'), 'joint': ('lam', 'action', 'wm'),
               'lam': ('lam',), 'wm': ('action', 'wm')}
 
@@ -137,27 +146,30 @@ class CoLAWorld(nn.Module):
         self.wm, self.action, self.lam = VideoDiT(wm_cfg), ActionEncoder(wm_cfg), LAM(lam_cfg)
         self.cond_drop = settings.get('cond_drop', 0.1)
         self.motion_weight = settings.get('motion_weight', 0.0)
+        self.real_actions = settings.get('mode') == 'actions'
 
-    def forward(self, x, phase, real_actions=None, p_relax=0.0):
-        """The loss of one training step. x: (B, T, 3, H, W) in [-1, 1]; real_actions (B, T-1, A): the dataset's
-        actions in place of latent ones (--mode=actions), else None; p_relax: the probability of a transition's
-        continuous latent in place of its quantized one (lam.LAM.forward) -> dict(loss, its parts, and for the
-        phases that run the LAM its codes and the codebook entries it restarted)."""
+    def forward(self, x, phase, actions=None, p_relax=0.0):
+        """The loss of one training step. x: (B, T, 3, H, W) in [-1, 1]; actions (B, T-1, A): the dataset's actions,
+        which drive the world model in place of latent ones when the model is made for them (real_actions), or
+        None; p_relax: the probability of a transition's continuous latent in place of its quantized one
+        (lam.LAM.forward) -> dict(loss, flow and recon (None where the phase has no such loss), codes (None
+        where the LAM does not run or is continuous) and restarts, the codebook entries the step re-initialised)."""
+        out = dict(flow=None, recon=None, codes=None, restarts=0)
         if phase == 'pretrain':  # action-free: nothing to read a move from, so no pixel weighs more
-            flow = flow_loss(self.wm, None, x)
-            return dict(loss=flow, flow=flow)
-        if real_actions is not None:  # --mode=actions: the dataset's actions in the latent-action slot
-            z = real_latents(real_actions, self.lam.cfg)
-            flow = flow_loss(self.wm, self.action, x, z, self.cond_drop, motion_weight=self.motion_weight)
-            return dict(loss=flow, flow=flow)
-        with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
-            out = self.lam(x, p_relax)
+            out['flow'] = flow_loss(self.wm, None, x)
+            return dict(out, loss=out['flow'])
+        if self.real_actions:  # the dataset's actions in the latent-action slot
+            z = real_latents(actions, self.lam.cfg)
+        else:
+            with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
+                lam = self.lam(x, p_relax)
+            z, out['codes'], out['restarts'] = lam['z'], lam['codes'], lam['restarts']
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
-            recon = F.mse_loss(self.lam.decoder(x[:, :-1], out['z']), x[:, 1:])
-            return dict(loss=recon, recon=recon, codes=out['codes'], restarts=out['restarts'])
+            out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])
+            return dict(out, loss=out['recon'])
         # warm-up and joint: the flow loss is the IDM's only signal
-        flow = flow_loss(self.wm, self.action, x, out['z'], self.cond_drop, motion_weight=self.motion_weight)
-        return dict(loss=flow, flow=flow, codes=out['codes'], restarts=out['restarts'])
+        out['flow'] = flow_loss(self.wm, self.action, x, z, self.cond_drop, motion_weight=self.motion_weight)
+        return dict(out, loss=out['flow'])
 
     def set_phase(self, phase):
         """Train the modules of `phase`; freeze the others (requires_grad off, eval mode). Returns the
@@ -197,6 +209,22 @@ class CoLAWorld(nn.Module):
         return dict(z_e=z_e, z=z, codes=codes)
 
     @torch.inference_mode()
+    def drive(self, clips, actions=None):
+        """What drives the world model through clips (B, L, 3, H, W): the IDM's latent actions, or for a model made
+        for real actions the clips' own `actions` (B, L-1, A) in the latent slot. Returns (B, L-1, n_tok, d)."""
+        if self.real_actions:
+            if actions is None:
+                raise ValueError("this world model was trained on real actions (--mode=actions); the data has none")
+            return real_latents(actions, self.lam.cfg)
+        return self.latent_actions(clips)['z']
+
+    @torch.inference_mode()
+    def encode_actions(self, actions, adapter=None):
+        """Real actions (B, K, A) -> the latent actions (B, K, n_tok, d) the world model takes: through the real-action
+        adapter (measure.Adapter) and the quantizer, or for a model made for real actions into the latent slot."""
+        return real_latents(actions, self.lam.cfg) if self.real_actions else self.lam.quantizer(adapter(actions))[0]
+
+    @torch.inference_mode()
     def simulate(self, clips, z, n_steps=2, cfg_scale=1.0, seed=0, generator=None):
         """The one way to roll the world model out: from the first n_context frames of clips (B, L, 3, H, W),
         driven by latent actions z (B, K, n_tok, d), one per transition from frame 0 (K + 1 frames), or by the
@@ -210,11 +238,6 @@ class CoLAWorld(nn.Module):
 
 # ----------------------------------------------------------------------------------------------------
 # checkpoints: a dict with one state dict per module (MODULES), `config` (every setting), `step`, `phase`
-
-def save_checkpoint(ckpt, path):
-    """torch.save through data.atomic_save: a crash never leaves a half-written ckpt.pt."""
-    atomic_save(path, lambda f: torch.save(ckpt, f))
-
 
 def load_checkpoint(path, device='cpu'):
     """Load a checkpoint dict, with an error that names the file when it is missing or unreadable."""
@@ -257,17 +280,3 @@ def load_model(path, device='cpu'):
     except RuntimeError as e:  # written by another version of the code
         raise ValueError(f"checkpoint {path} does not fit this code's modules: {str(e).splitlines()[0]}") from None
     return model.eval(), ckpt['config']
-
-
-def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', frame_stride=0):
-    """What sample.py, eval.py and plan.py start from: the checkpoint's model and settings, its world model's
-    config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on). Clips have
-    n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is read with
-    `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
-    model, settings = load_model(ckpt, device)
-    wm_cfg = model.wm.cfg
-    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
-                            policy=settings.get('policy', 'explore'),
-                            camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
-    clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
-    return model, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)

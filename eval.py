@@ -28,7 +28,6 @@ import time
 import numpy as np
 import torch
 
-import cola
 import measure
 import state_probe
 from configurator import configure, fail
@@ -56,7 +55,7 @@ configure(globals(), sys.argv[1:])
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 t_start = time.time()
 try:
-    model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
+    model, settings, wm_cfg, sampler = measure.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
     fail(str(e))
 nc, lam, size = wm_cfg.n_context, model.lam, model.lam.quantizer.size
@@ -71,23 +70,11 @@ def quantize(z_e):
     return z, codes
 
 
-def report(prefix, gen):
-    """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim, and with a state probe the
-    objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
-    p, s = measure.scores(gen, clips, nc)
-    out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
-    if locator is not None:
-        for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:]).items():
-            per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
-            out.update({f'{prefix}state_err_{obj}': mean(per_step), f'{prefix}state_err_{obj}_per_step': per_step})
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------
 # 1. the IDM on whole episodes: codebook health on held-out ones, linear probe train -> held-out
 print(f"{ckpt} ({settings['mode']}) on {sampler.dir}")
 out = dict(ckpt=ckpt, mode=settings['mode'], n_clips=n_clips, horizon=horizon)
-real = settings['mode'] == 'actions'  # a world model driven by real actions: no IDM to measure, no adapter
+real = model.real_actions  # a world model driven by real actions: no IDM to measure, no adapter
 if real and sampler.actions is None:
     fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
 labelled, adapter = sampler.actions is not None, None
@@ -168,15 +155,26 @@ locator = state_probe.load_state_probe(sampler, device, state_probe_steps) if st
 if locator is not None:
     for obj, err in state_probe.state_errors(locator, clips[:, nc:], batch['states'][:, nc:]).items():
         out[f'state_floor_{obj}'] = err.nanmean().item()
+
+
+def report(prefix, gen):
+    """Score a batch of rollouts against the held-out clips: {prefix}psnr, ssim, and with a state probe the
+    objects' position errors {prefix}state_err_agent, _blocks; each with its per-step list."""
+    p, s = measure.scores(gen, clips, nc)
+    out = {f'{prefix}psnr': mean(p), f'{prefix}ssim': mean(s), f'{prefix}psnr_per_step': p, f'{prefix}ssim_per_step': s}
+    if locator is not None:
+        for obj, err in state_probe.state_errors(locator, gen[:, nc:], batch['states'][:, nc:]).items():
+            per_step = err.nanmean(0).tolist()  # over clips; NaN only where no clip has the object
+            out.update({f'{prefix}state_err_{obj}': mean(per_step), f'{prefix}state_err_{obj}_per_step': per_step})
+    return out
+
+
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
       f"{sample_steps} Euler steps, guidance {cfg_scale}")
 # Every condition is rolled out by its own call with the same seed: the clips share their sampling noise
 # across conditions (common random numbers), so "PSNR - null" is exactly 0 for a model that ignores actions.
 simulate = lambda z: model.simulate(clips, z, sample_steps, cfg_scale, seed)
-if real:  # --mode=actions: the rollout driven by the clip's own real actions
-    z = cola.real_latents(batch['actions'], lam.cfg)
-else:
-    z = model.latent_actions(clips)['z']  # (n_clips, L-1, n_tok, d)
+z = model.drive(clips, batch['actions'])  # the IDM's latent actions, or the clips' real ones (n_clips, L-1, n_tok, d)
 out.update(report('', simulate(z)))
 # The shuffle control: each clip driven by its own latent actions in another order in time. What the rollout
 # loses is what the latents say about each transition; a code that holds only something constant over a clip
@@ -185,9 +183,17 @@ shuffle = torch.randperm(z.shape[1], generator=torch.Generator().manual_seed(see
 out.update(report('shuffled_', simulate(z[:, shuffle])))
 if adapter is not None:
     with torch.inference_mode():
-        out.update(report('adapter_', simulate(quantize(adapter(batch['actions']))[0])))
+        out.update(report('adapter_', simulate(model.encode_actions(batch['actions'], adapter))))
 out.update(report('null_', simulate(None)))
 out.update(report('copy_', measure.copy_last(clips, nc)))
+# how long a rollout keeps each object: the generated frames whose position error is within a quarter (a half) of
+# copy-last's, or within 0.01 of what the probe can tell on real frames
+for obj in ('agent', 'blocks'):
+    if f'state_err_{obj}' in out:
+        for name, frac in (('quarter', 0.25), ('half', 0.5)):
+            out[f'{obj}_frames_within_{name}'] = sum(
+                e <= max(frac * c, out[f'state_floor_{obj}'] + 0.01)
+                for e, c in zip(out[f'state_err_{obj}_per_step'], out[f'copy_state_err_{obj}_per_step']))
 out['psnr_gain_over_null'] = out['psnr'] - out['null_psnr']
 out['psnr_gain_over_shuffled'] = out['psnr'] - out['shuffled_psnr']
 cols = [(name, p) for name, p in (('real' if real else 'latent', ''), ('shuffled', 'shuffled_'), ('adapter', 'adapter_'),
@@ -207,6 +213,8 @@ for obj in ('agent', 'blocks'):
         for k in list(range(horizon)) + ['mean']:
             key = lambda p: out[f'{p}state_err_{obj}'] if k == 'mean' else out[f'{p}state_err_{obj}_per_step'][k]
             print(f"{k + 1 if k != 'mean' else k:>5} " + ''.join(f"{key(p):10.4f}" for _, p in cols))
+        print(f"{obj} held for {out[f'{obj}_frames_within_quarter']} / {out[f'{obj}_frames_within_half']} of {horizon} "
+              f"generated frames (error within a quarter / half of copy-last's, or the probe's + 0.01)")
 
 out['wall_s'] = time.time() - t_start
 print(f"done in {out['wall_s']:.0f} s (LPIPS and FVD are not computed: their networks cannot be downloaded here)")

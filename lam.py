@@ -143,6 +143,18 @@ def code_stats(codes, size):
                 code_entropy=max(0.0, H) / math.log(size), code_perplexity=math.exp(H))
 
 
+def codebook_vectors(q):
+    """Every code of a quantizer as the latent vector the world model receives, (size, d); None without a
+    codebook (continuous latent actions)."""
+    if isinstance(q, VQ):
+        return q.codebook.detach()
+    if isinstance(q, FSQ):  # code c has mixed-radix digits (c // radix) % levels, centred as in FSQ.forward
+        digits = torch.arange(q.size, device=q.levels.device)[:, None] // q.radix % q.levels
+        with torch.inference_mode():
+            return q.up((digits - q.levels // 2) / (q.levels // 2))
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # the IDM, the baseline decoder, and the LAM that holds them
 

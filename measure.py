@@ -1,7 +1,8 @@
 """
-Measurements of a CoLA-World model, shared by eval.py, sample.py, plan.py and train.py's end-of-run summary:
-frame metrics (PSNR, SSIM), batched rollout scores, codebook health, the linear (and MLP) probe of latent
-actions, and the real-action adapter. Frames are batched tensors in [-1, 1]; figures come back as floats.
+Measurements of a CoLA-World model, shared by eval.py, sample.py, plan.py, play.py and train.py's end-of-run
+summary: what they start from (a checkpoint's model and its data, open_run), frame metrics (PSNR, SSIM), batched
+rollout scores, codebook health, the linear (and MLP) probe of latent actions, and the real-action adapter.
+Frames are batched tensors in [-1, 1]; figures come back as floats.
 """
 from collections import defaultdict
 
@@ -11,8 +12,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cola
-from data import to_model
+from data import ClipSampler, resolve_data, to_model
 from lam import code_stats
+
+
+def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', frame_stride=0):
+    """What sample.py, eval.py, plan.py and play.py start from: the checkpoint's model and settings, its world
+    model's config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on). Clips
+    have n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is read with
+    `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
+    model, settings = cola.load_model(ckpt, device)
+    wm_cfg = model.wm.cfg
+    data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
+                            policy=settings.get('policy', 'explore'),
+                            camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
+    clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
+    return model, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
 
 
 def psnr(a, b):
@@ -74,16 +89,14 @@ def episode_latents(model, sampler, ids, device='cpu', chunk=16):
 
 
 def rollout_psnr(model, clips, null=False, n_steps=2, cfg_scale=1.0, seed=0, actions=None):
-    """train.py's summary: roll out with the IDM's latent actions inferred from the ground truth, or with
-    the real `actions` (B, L-1, A) when given (--mode=actions), or with the null action when `null`.
+    """train.py's summary: roll out driven as the model is driven (CoLAWorld.drive: the IDM's latent actions
+    inferred from the ground truth, or the clips' real `actions` (B, L-1, A)), or by the null action when `null`.
     Returns per-step PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames,
-    and the codes."""
+    and the codes (None without latent actions)."""
     nc, z, codes = model.wm.cfg.n_context, None, None
-    if actions is not None:
-        z = cola.real_latents(actions, model.lam.cfg)
-    elif not null:
-        acts = model.latent_actions(clips)
-        z, codes = acts['z'], acts['codes']
+    if not null:
+        z = model.drive(clips, actions)
+        codes = None if model.real_actions else model.latent_actions(clips)['codes']
     gen = model.simulate(clips, z, n_steps, cfg_scale, seed)
     return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
                 psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),

@@ -30,7 +30,6 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-import cola
 import measure
 from configurator import configure, fail
 from data import to_model, to_uint8, write_gif
@@ -124,18 +123,16 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
     """The cost of action sequences under the world model, from the observed frames obs (list of (R, R, 3)
     uint8, last n_context used; done: the real actions between them, (len(obs) - 1, A)) to the goal frame
     (R, R, 3). With an adapter, the observed transitions keep the IDM's own latent actions and the planned
-    ones go adapter -> the LAM's quantizer, as in eval.py; without one (a --mode=actions checkpoint) real
-    actions go into the latent-action slot, cola.real_latents."""
+    ones go adapter -> the LAM's quantizer, as in eval.py; a world model trained on real actions takes them in
+    its latent-action slot (CoLAWorld.drive, encode_actions)."""
     wm, lam = model.wm, model.lam
     nc, dev = wm.cfg.n_context, wm.pos_time.device
     ctx = to_model(torch.from_numpy(np.stack(obs[-nc:]))[None], dev)  # (1, nc, 3, R, R)
-    encode = (lambda a: cola.real_latents(a, lam.cfg)) if adapter is None else (lambda a: lam.quantizer(adapter(a))[0])
+    encode = lambda a: model.encode_actions(a, adapter)  # (N, H, A) -> (N, H, n_tok, d)
     if nc == 1:
         z_ctx = ctx.new_zeros(1, 0, lam.cfg.n_action_tokens, lam.cfg.action_dim)
-    elif adapter is None:
-        z_ctx = encode(torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
-    else:
-        z_ctx = model.latent_actions(ctx)['z']  # (1, nc-1, n_tok, d)
+    else:  # the IDM's latent actions of the observed transitions, or their real actions
+        z_ctx = model.drive(ctx, torch.from_numpy(np.asarray(done[len(done) - nc + 1:], np.float32))[None].to(dev))
     goal_x = to_model(torch.tensor(goal)[None, None], dev)  # (1, 1, 3, R, R)
 
     @torch.inference_mode()
@@ -285,12 +282,12 @@ def main():
     if bad:
         fail(f"unknown {sorted(bad)}: --tasks takes reach, push, pusht; --planners ours, random, oracle")
     try:
-        model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, dev, 'train', seed=seed, camera=camera, frame_stride=frame_stride)
+        model, settings, wm_cfg, sampler = measure.open_run(ckpt, data, dev, 'train', seed=seed, camera=camera, frame_stride=frame_stride)
         res, nc = wm_cfg.res, wm_cfg.n_context
         if 'pusht' in families:
             PushT(res)  # fails here, not after an hour of planning, when gym-pusht is absent
-        adapter = None  # a --mode=actions checkpoint plans with real actions directly
-        if 'ours' in names and settings['mode'] != 'actions':  # the real-action adapter, fit as eval.py fits it
+        adapter = None  # a world model trained on real actions plans with them directly
+        if 'ours' in names and not model.real_actions:  # the real-action adapter, fit as eval.py fits it
             z_e, acts = measure.episode_latents(model, sampler, sampler.episodes('train')[:adapter_episodes], dev)
             if acts[0] is None:
                 raise ValueError(f"{sampler.dir} has no actions: the adapter needs labelled episodes")

@@ -25,11 +25,10 @@ import sys
 import numpy as np
 import torch
 
-import cola
 import measure
 import state_probe
 from configurator import configure, fail
-from lam import FSQ, VQ
+from lam import codebook_vectors
 from data import to_uint8, write_gif
 
 # ----------------------------------------------------------------------------------------------------
@@ -54,7 +53,7 @@ configure(globals(), sys.argv[1:])
 
 device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
 try:
-    model, settings, wm_cfg, sampler = cola.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
+    model, settings, wm_cfg, sampler = measure.open_run(ckpt, data, device, 'val', horizon, seed, camera, frame_stride)
 except (ValueError, OSError) as e:  # OSError: a full disk while preparing the data
     fail(str(e))
 nc, quantizer = wm_cfg.n_context, model.lam.quantizer
@@ -68,27 +67,14 @@ def gif(name, cells):
     write_gif(gifs[-1], cells, fps, scale, nc)
 
 
-def codebook_vectors(q):
-    """Every code of a quantizer as the latent vector the world model receives, (size, d); None without a
-    codebook (continuous latent actions)."""
-    if isinstance(q, VQ):
-        return q.codebook.detach()
-    if isinstance(q, FSQ):  # code c has mixed-radix digits (c // radix) % levels, centred as in FSQ.forward
-        digits = torch.arange(q.size, device=q.levels.device)[:, None] // q.radix % q.levels
-        with torch.inference_mode():
-            return q.up((digits - q.levels // 2) / (q.levels // 2))
-    return None
-
-
 # ----------------------------------------------------------------------------------------------------
 # rollouts on held-out clips, driven by the IDM's latent actions (or the clips' real actions)
 batch = sampler.sample(n_clips, device)
 clips = batch['frames']  # (n_clips, n_context + horizon, 3, H, W)
-real = settings['mode'] == 'actions'
+real = model.real_actions  # a world model trained on the data's real actions
 if real and batch['actions'] is None:
     fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
-z = (cola.real_latents(batch['actions'], model.lam.cfg) if real
-     else model.latent_actions(clips)['z'])  # (n_clips, L-1, n_tok, d)
+z = model.drive(clips, batch['actions'])  # the IDM's latent actions, or the clips' real ones (n_clips, L-1, n_tok, d)
 gen = model.simulate(clips, z, sample_steps, cfg_scale, seed)
 copy = measure.copy_last(clips, nc)
 p, s = measure.scores(gen, clips, nc)

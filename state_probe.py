@@ -2,7 +2,7 @@
 The state probe: where the objects are in a frame, read by a small CNN trained on real frames, so that a
 rollout is scored on whether its objects are where they should be (what a user looks at), not on pixels.
 eval.py and sample.py report its errors per generated frame; the probe is trained once per dataset and cached
-beside it. Imports cola.py (save_checkpoint) and data.py (prepare_once, to_model).
+beside it. Imports data.py (atomic_save, prepare_once, to_model).
 """
 import math
 import os
@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from cola import save_checkpoint
-from data import prepare_once, to_model
+from data import atomic_save, prepare_once, to_model
 
 def state_layout(S):
     """Columns of a state vector of S dims: (agent xy, [block xy, ...]). The built-in simulator's (8,) is agent
@@ -130,7 +129,8 @@ def load_state_probe(sampler, device='cpu', steps=2400):
 
     def fit():
         print(f"fitting the state probe of {sampler.dir} ({steps} steps; cached in {path})")
-        save_checkpoint(fit_state_probe(sampler, device, steps=steps).state_dict(), path)
+        state = fit_state_probe(sampler, device, steps=steps).state_dict()
+        atomic_save(path, lambda f: torch.save(state, f))
     prepare_once(path, lambda: os.path.isfile(path), fit)  # evaluations started together fit it once
     probe = StateProbe().to(device)
     probe.load_state_dict(torch.load(path, map_location=device))

@@ -1,5 +1,6 @@
 """The test suite: `python -m pytest -q test_all.py`. Tiny shapes; every test can fail."""
 import ast
+import base64
 import errno
 import importlib.util
 import json
@@ -27,6 +28,10 @@ from model import STBlock, patchify, rope_2d, rotate, unpatchify
 from sim import SENSOR_NOISE, PushSim, generate_episode
 from world_model import MOTION_THRESHOLD, PRESETS, ActionEncoder, VideoDiT, WMConfig, flow_loss, pixel_loss, rollout, sample
 
+
+# ----------------------------------------------------------------------------------------------------
+# helpers: tiny shapes, the programs run as users run them, what must run in a process of its own, fixtures
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(res=16, patch=4, width=32, depth=2, n_heads=2)
 
@@ -47,6 +52,169 @@ def randomize_zero_inits(*modules):
 
 HAVE_PUSHT = importlib.util.find_spec('gym_pusht') is not None
 needs_pusht = pytest.mark.skipif(not HAVE_PUSHT, reason='gym-pusht is absent (pip install -r requirements-pusht.txt)')
+
+
+def moving_square(B, T, res=16):
+    """Clips (B, T, 3, res, res) in [-1, 1]: a still random scene in which a 4 x 4 white square moves 2 px a frame."""
+    x = torch.rand(B, 1, 3, res, res).repeat(1, T, 1, 1, 1) * 2 - 1
+    for k in range(T):
+        x[:, k, :, 4:8, 2 + 2 * k:6 + 2 * k] = 1.0
+    return x
+
+
+def _write_npz(d, name, T, res=16, seed=0):
+    ep = generate_episode(seed, T, res)
+    np.savez(os.path.join(d, name), frames=ep['frames'], actions=ep['actions'], states=ep['states'])
+    return ep
+
+
+class FullDisk:
+    """A file whose writes fail after the first `room` bytes, with ENOSPC, as on a full disk."""
+    def __init__(self, path, mode, room):
+        self.f, self.room, self.name = open(path, mode), room, path
+
+    def write(self, b):
+        self.room -= len(b)
+        if self.room < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
+        return self.f.write(b)
+
+    def close(self):
+        self.f.close()
+
+
+def _psnr(a, b):
+    return 10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b) ** 2), 1e-10))
+
+
+TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
+              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
+              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
+FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
+
+
+def run(program, *flags, torchrun=0):
+    """Run one of the programs as users do (under torchrun with that many processes); CompletedProcess."""
+    # --standalone: torchrun picks a free port, so back-to-back runs never collide on the default one
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
+    launcher = launcher if torchrun else [sys.executable]
+    return subprocess.run(launcher + [os.path.join(HERE, program), *flags], capture_output=True, text=True, cwd=HERE,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
+
+
+def train(out, *flags, data_dir=None, check=True, torchrun=0):
+    """train.py with tiny settings; asserts success unless check=False."""
+    r = run('train.py', f'--out_dir={out}', *TINY_TRAIN, *flags, *([f'--data={data_dir}'] if data_dir else []),
+            torchrun=torchrun)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def ckpt(out):
+    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
+
+
+def same(a, b):
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def log_of(out):
+    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
+
+
+def in_subprocess(helper, *args, **kw):
+    """Popen of `python -c` calling test_all.helper(*args) in this folder: what must run in a process of its own."""
+    return subprocess.Popen([sys.executable, '-c', f'import sys, test_all; test_all.{helper}(*sys.argv[1:])', *map(str, args)],
+                            cwd=HERE, **kw)
+
+
+def prepare_when_told(folder, ready, go):
+    """In a subprocess: say `ready`, wait for `go` so that every process starts at the same moment, prepare `folder`
+    (data.prepare_once lets one of them do it) and print its episode count and a digest of its frames."""
+    import hashlib
+    open(ready, 'w').close()
+    while not os.path.exists(go):
+        time.sleep(0.001)
+    sampler = data.ClipSampler(data.resolve_data(folder, 16, clip_len=4), 4, 'train')
+    digest = hashlib.sha256()
+    for i in range(len(sampler.index)):
+        digest.update(sampler.get_episode(i)['frames'].tobytes())
+    print(len(sampler.index), digest.hexdigest())
+
+
+def prepare_slowly(folder, marker):
+    """In a subprocess: prepare `folder` slowly enough to be killed in the middle, touching `marker` as it goes."""
+    load = data.load_episode
+
+    def slow(path, res):
+        open(marker, 'w').close()
+        time.sleep(0.1)
+        return load(path, res)
+    data.load_episode = slow
+    data.resolve_data(folder, 16)
+
+
+def train_on_a_full_disk(*flags):
+    """In a subprocess: train.py with torch.save failing from its second call on, as on a disk with room for one
+    checkpoint (torch.save raises RuntimeError('unexpected pos') with the OSError in its context)."""
+    import runpy
+    save, calls = torch.save, []
+
+    def full_disk(obj, f, *args, **kw):
+        calls.append(1)
+        if len(calls) == 1:
+            return save(obj, f, *args, **kw)
+        f.write(b'x' * 4096)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 4000512 vs 4000400')
+    torch.save = full_disk
+    sys.argv = ['train.py', *flags]
+    runpy.run_path(os.path.join(HERE, 'train.py'), run_name='__main__')
+
+
+def save_often(path):
+    """In a subprocess: save one tensor to `path` 150 times through data.atomic_save."""
+    for _ in range(150):
+        data.atomic_save(path, lambda f: torch.save({'w': torch.ones(200, 200)}, f))
+
+
+@pytest.fixture(scope='module')
+def tiny_data(tmp_path_factory):
+    return data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=6, T=12, res=16)
+
+
+@pytest.fixture(scope='module')
+def pretrained(tiny_data, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp('pre'))
+    train(out, '--mode=pretrain', '--pretrain_steps=3', data_dir=tiny_data)
+    return out
+
+
+@pytest.fixture(scope='module')
+def tiny_ckpt(tmp_path_factory):
+    """A tiny CoLA checkpoint (pretrain -> warm-up -> joint, a few steps) trained on 8 simulator episodes."""
+    d = data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=8, T=12, res=16)
+    out = str(tmp_path_factory.mktemp('ck'))
+    train(out, '--pretrain_steps=3', '--warmup_steps=3', '--joint_steps=2', '--eval_clips=0', data_dir=d)
+    return os.path.join(out, 'ckpt.pt')
+
+
+@pytest.fixture(scope='module')
+def lerobot_sets(tmp_path_factory):
+    """The same 9 simulator episodes (10-12 frames, 32 px) as a v3.0 dataset (AV1 if PyAV has an encoder; 2
+    episodes per video file, 8 per data file) and as a v2.1 one (H.264, a file per episode)."""
+    pytest.importorskip('av')
+    pytest.importorskip('pyarrow')
+    import lerobot
+    eps = [generate_episode(data.episode_seed(7, i), 10 + i % 3, 32) for i in range(9)]
+    root = tmp_path_factory.mktemp('lerobot')
+    v30, v21 = str(root / 'v30'), str(root / 'v21')
+    codec = lerobot.write_dataset(v30, iter(eps), episodes_per_file=2)
+    lerobot.write_dataset(v21, iter(eps), version='v2.1', codec='libx264')
+    return eps, v30, v21, codec
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,14 +442,6 @@ def test_flow_loss_context_clean_and_unscored():
     assert not torch.allclose(seen['x'][:, 2:], x0[:, 2:]) and (seen['t'][:, 2:] > 0).all()
 
 
-def moving_square(B, T, res=16):
-    """Clips (B, T, 3, res, res) in [-1, 1]: a still random scene in which a 4 x 4 white square moves 2 px a frame."""
-    x = torch.rand(B, 1, 3, res, res).repeat(1, T, 1, 1, 1) * 2 - 1
-    for k in range(T):
-        x[:, k, :, 4:8, 2 + 2 * k:6 + 2 * k] = 1.0
-    return x
-
-
 def test_pixel_loss_weighs_the_pixels_that_moved():
     """motion_weight m: a pixel that changed since the frame before counts 1 + m times; m = 0 is plain MSE."""
     prev = torch.zeros(1, 1, 3, 4, 4)
@@ -320,481 +480,101 @@ def test_sampler_deterministic_and_rollout_shapes():
 
 
 # ----------------------------------------------------------------------------------------------------
-# sim.py
+# cola.py
 
-def test_simulator_is_deterministic():
-    a, b, c = generate_episode(3, 12, 32), generate_episode(3, 12, 32), generate_episode(4, 12, 32)
-    for k in ('frames', 'actions', 'states'):
-        assert a[k].tobytes() == b[k].tobytes()
-    assert a['frames'].shape == (12, 32, 32, 3) and a['actions'].shape == (11, 2) and a['states'].shape == (12, 8)
-    assert not np.array_equal(a['frames'], c['frames'])
-    # Appearance is drawn after the layout, so dynamics do not depend on the resolution.
-    assert np.array_equal(a['states'], generate_episode(3, 12, 16)['states'])
-
-
-def test_actions_align_with_frames_and_state_round_trips():
-    ep = generate_episode(5, 16, 32, noise=0)
-    sim = PushSim(32, 5)
-    assert np.array_equal(sim.render(), ep['frames'][0])
-    for t in range(15):
-        sim.set_state(ep['states'][t])
-        assert np.array_equal(sim.render(), ep['frames'][t])
-        assert np.array_equal(sim.step(ep['actions'][t]), ep['frames'][t + 1])
-        assert np.array_equal(sim.get_state(), ep['states'][t + 1])
-    before = sim.get_state()
-    sim.step([0.0, 0.0])
-    assert np.array_equal(sim.get_state(), before)
-    sim.step([5.0, 0.0])  # clipped to 1: at most the world's speed
-    assert 0 < abs(sim.get_state()[0] - before[0]) <= sim.speed + 1e-6 or before[0] >= 1 - sim.r - 1e-6
-    # absent blocks are zeros
-    assert np.all(sim.get_state()[2 + 2 * sim.n_blocks:] == 0)
-
-
-def test_recorded_frames_carry_sensor_noise_only():
-    clean, noisy = generate_episode(5, 16, 32, noise=0), generate_episode(5, 16, 32)
-    diff = noisy['frames'].astype(float) - clean['frames']
-    assert abs(diff.std() - SENSOR_NOISE) < 0.2 and abs(diff.mean()) < 0.1
-    assert np.array_equal(noisy['states'], clean['states']) and np.array_equal(noisy['actions'], clean['actions'])
+def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
+    """model(x, phase) -> loss; set_phase(phase) and configure_optimizers(phase) train exactly CoLAWorld.PHASES[phase],
+    the optimizer carries the AdamW state of what trained before (warm-up -> joint keeps the LAM's moments), and
+    building it has no side effects."""
+    torch.manual_seed(0)
+    settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
+                    codebook_size=8, mode='two_stage', dec_depth=1)
+    model = cola.CoLAWorld(settings)
+    x, opt = torch.rand(2, 4, 3, 16, 16) * 2 - 1, None
+    for phase in ('pretrain', 'warmup', 'joint', 'lam', 'wm'):
+        before = [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
+        old, (opt, params) = opt, model.configure_optimizers(phase, lr=1e-3, old=opt)
+        assert before == [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
+        model.set_phase(phase)  # building an optimizer changes nothing; set_phase freezes what the phase leaves
+        if phase == 'joint':  # the LAM's moments from the warm-up step came along
+            assert opt[0].state[model.lam.idm.embed.weight]['step'] == 1
+        out = model(x, phase, p_relax=0.5)
+        assert out['loss'].ndim == 0 and out['recon' if phase == 'lam' else 'flow'] is out['loss']
+        assert set(out) == {'loss', 'flow', 'recon', 'codes', 'restarts'}  # the same keys in every phase
+        assert (out['codes'] is None) == (phase == 'pretrain')
+        out['loss'].backward()
+        for name in cola.CoLAWorld.MODULES:
+            got_grad = any(p.grad is not None for p in getattr(model, name).parameters())
+            assert got_grad == (name in cola.CoLAWorld.PHASES[phase]), (phase, name)
+        opt[0].step()
+        opt[0].zero_grad(set_to_none=True)
+    real = cola.CoLAWorld(dict(settings, mode='actions'))  # made for real actions: they fill the latent slot
+    out = real(x, 'wm', actions=torch.rand(2, 3, 2))
+    assert real.real_actions and not model.real_actions and out['codes'] is None and out['flow'] is out['loss']
 
 
-def test_render_is_antialiased_and_subpixel_motion_shows():
-    sim = PushSim(32, 0)
-    s = sim.get_state()
-    a = sim.render().astype(float)
-    s[0] += 0.1 / 32  # a tenth of a pixel to the right
-    sim.set_state(s)
-    b = sim.render().astype(float)
-    assert 0 < np.abs(b - a).sum() and np.abs(b - a).max() < 60  # visible, and only as a partial-coverage change
-    assert len(np.unique(a.reshape(-1, 3), axis=0)) > 10  # edge pixels blend body and background
-
-
-def test_random_policy_is_iid_over_the_nine_moves():
-    acts = generate_episode(0, 400, 16, policy='random')['actions']
-    moves, counts = np.unique(acts, axis=0, return_counts=True)
-    assert len(moves) == 9 and set(np.unique(moves)) == {-1, 0, 1} and counts.min() > 20
-    assert abs(np.corrcoef(acts[:-1, 0], acts[1:, 0])[0, 1]) < 0.15  # no memory from step to step
-    with pytest.raises(ValueError, match='--policy'):
-        generate_episode(0, 4, 16, policy='nope')
-
-
-def test_pushing_moves_blocks_and_keeps_them_apart():
-    moved = 0
-    for seed in range(10):
-        st = generate_episode(seed, 32, 16)['states']
-        moved += np.abs(np.diff(st[:, 2:], axis=0)).max() > 0.02
-        sim = PushSim(16, seed)
-        for s in st:  # no two bodies overlap (bounding boxes), everything inside the walls
-            pos, half = s.reshape(-1, 2)[:1 + sim.n_blocks], np.array(sim.half)
-            assert np.all(pos - half[:, None] >= -1e-5) and np.all(pos + half[:, None] <= 1 + 1e-5)
-            for i in range(len(pos)):
-                for j in range(i + 1, len(pos)):
-                    assert np.max(np.abs(pos[i] - pos[j]) - half[i] - half[j]) >= -1e-5
-    assert moved >= 7
-
-
-def test_blocked_block_stops_the_agent():
-    sim = PushSim(32, 0)
-    sim.n_blocks, sim.half = 1, [sim.r, sim.h[0]]
-    wall = 1 - sim.h[0]
-    sim.set_state([wall - sim.h[0] - sim.r - 0.01, 0.5, wall, 0.5])  # block against the right wall
+def test_muon_is_torchs_update_in_fp32_on_the_hidden_matrices_only():
+    """cola.Muon makes torch.optim.Muon's step (Nesterov momentum, Newton-Schulz, AdamW-matched RMS, decoupled weight
+    decay) up to torch's bf16 rounding; with muon=True it trains exactly the blocks' 2-D weights, AdamW the rest."""
+    torch.manual_seed(0)
+    ours = [torch.randn(192, 64, requires_grad=True), torch.randn(64, 256, requires_grad=True),
+            torch.randn(192, 64, requires_grad=True)]
+    ref = [w.detach().clone().requires_grad_() for w in ours]
+    start = [w.detach().clone() for w in ours]
+    opts = (cola.Muon(ours, lr=1e-2, weight_decay=0.1),
+            torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'))
     for _ in range(3):
-        sim.step([1, 0])
-    x, _, bx, _ = sim.get_state()[:4]
-    assert bx == pytest.approx(wall) and x == pytest.approx(wall - sim.h[0] - sim.r, abs=1e-6)
+        for w, r in zip(ours, ref):
+            w.grad = torch.randn_like(w)
+            r.grad = w.grad.clone()
+        for o in opts:
+            o.step()
+    for w, r, w0 in zip(ours, ref, start):
+        assert torch.linalg.norm((w - w0) - (r - w0)) < 0.02 * torch.linalg.norm(r - w0)
+    s = torch.linalg.svdvals(cola.orthogonalise(torch.randn(3, 64, 192)))
+    assert s.min() > 0.5 and s.max() < 1.5  # about orthogonal, batched over the leading dim
+    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
+                                action_dim=8, codebook_size=8))
+    (adamw, muon), params = model.configure_optimizers('joint', lr=1e-3, muon=True)
+    named = dict(model.named_parameters())
+    in_muon = {n for n, p in named.items() if any(p is q for q in muon.param_groups[0]['params'])}
+    assert 'wm.blocks.0.spatial.qkv.weight' in in_muon and 'lam.idm.blocks.0.mlp.0.weight' in in_muon
+    assert not in_muon & {'wm.embed.weight', 'wm.head.weight', 'wm.pos_time', 'lam.quantizer.codebook',
+                          'wm.blocks.0.spatial.qkv.bias', 'action.inp.weight'}
+    assert len(adamw.param_groups[0]['params']) + len(in_muon) == len(params) == len(named)
 
 
-# ----------------------------------------------------------------------------------------------------
-# data.py
-
-@pytest.mark.slow
-def test_cli_writes_npz_episodes(tmp_path):
-    out = tmp_path / 'eps'
-    subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), f'--out_dir={out}', '--episodes', '2',
-                    '--T', '8', '--res=32'], check=True, capture_output=True)
-    files = sorted(os.listdir(out))
-    assert files == ['ep_000000.npz', 'ep_000001.npz']
-    ep = data.load_episode(str(out / files[1]), 32)
-    ref = generate_episode(data.episode_seed(0, 1), 8, 32)
-    for k in ('frames', 'actions', 'states'):
-        assert np.array_equal(ep[k], ref[k])
-    assert int(np.load(out / files[1])['n_blocks']) == ref['n_blocks']
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), '--nope=1'], capture_output=True, text=True)
-    assert r.returncode != 0 and '--nope' in r.stderr and '--out_dir' in r.stderr
-
-
-def test_video_round_trip(tmp_path):
-    frames = generate_episode(1, 10, 64)['frames']
-    frames[:, :8, :8] = np.arange(10)[:, None, None, None] * 25  # Pillow's GIF writer merges repeated frames
-    iio.imwrite(tmp_path / 'a.mp4', frames, plugin='FFMPEG', fps=10)
-    iio.imwrite(tmp_path / 'b.gif', frames, loop=0)
-    for name, tol in (('a.mp4', 12), ('b.gif', 12)):
-        ep = data.load_episode(str(tmp_path / name), 64)
-        assert ep['frames'].shape == (10, 64, 64, 3) and ep['frames'].dtype == np.uint8 and ep['actions'] is None
-        assert np.abs(ep['frames'].astype(int) - frames).mean() < tol
-    small = data.load_episode(str(tmp_path / 'a.mp4'), 32)['frames']
-    assert small.shape == (10, 32, 32, 3)
-    # grey and RGBA npz frames become RGB; non-square frames are centre-cropped
-    np.savez(tmp_path / 'g.npz', frames=np.zeros((3, 20, 40), np.uint8))
-    assert data.load_episode(str(tmp_path / 'g.npz'), 16)['frames'].shape == (3, 16, 16, 3)
+def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
+    """--motion_weight changes the flow loss of the phases that condition the world model on actions (warm-up,
+    joint, wm, --mode=actions) and leaves pretraining and the LAM's pixel decoder at plain MSE."""
+    settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
+                    codebook_size=8, mode='two_stage', dec_depth=1)
+    x = moving_square(2, 4)
+    torch.manual_seed(0)
+    plain, weighted = cola.CoLAWorld(settings), cola.CoLAWorld(dict(settings, motion_weight=50.0))
+    weighted.load_state_dict(plain.state_dict())
+    for phase in ('pretrain', 'lam', 'warmup', 'joint', 'wm', 'actions'):
+        losses = []
+        for model in (plain, weighted):
+            torch.manual_seed(1)  # the same noise, times and dropped conditions for both
+            real = torch.rand(2, 3, 2) if phase == 'actions' else None
+            losses.append(model(x, 'wm' if phase == 'actions' else phase, real)['loss'])
+        assert torch.equal(*losses) == (phase in ('pretrain', 'lam')), phase
 
 
-def _write_npz(d, name, T, res=16, seed=0):
-    ep = generate_episode(seed, T, res)
-    np.savez(os.path.join(d, name), frames=ep['frames'], actions=ep['actions'], states=ep['states'])
-    return ep
-
-
-def test_bad_and_short_files_are_named(tmp_path):
-    _write_npz(tmp_path, 'good.npz', 8)
-    _write_npz(tmp_path, 'short.npz', 3)
-    (tmp_path / 'bad.mp4').write_bytes(b'not a video')
-    with pytest.raises(ValueError, match='bad.mp4'):
-        data.load_episode(str(tmp_path / 'bad.mp4'), 16)
-    with pytest.raises(ValueError, match='bad.mp4'):
-        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
-    (tmp_path / 'bad.mp4').unlink()
-    with pytest.raises(ValueError, match='short.npz'):
-        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6)
-    (tmp_path / 'bad.npz').write_bytes(b'PK\x03\x04 truncated')
-    with pytest.warns(UserWarning) as rec:
-        out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6, skip_bad=True)
-    assert any('bad.npz' in str(w.message) for w in rec) and any('short.npz' in str(w.message) for w in rec)
-    assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
-
-
-def test_non_finite_actions_or_states_are_named_or_skipped(tmp_path):
-    """A NaN or inf in an episode's actions or states is refused while preparing, naming the file, or the file
-    is left out with --skip_bad: it would otherwise poison a run hours later, far from its cause."""
-    _write_npz(tmp_path, 'good.npz', 8)
-    for key in ('actions', 'states'):
-        ep = _write_npz(tmp_path, 'bad.npz', 8)
-        ep[key][2, 0] = np.inf if key == 'states' else np.nan
-        np.savez(tmp_path / 'bad.npz', frames=ep['frames'], actions=ep['actions'], states=ep['states'])
-        with pytest.raises(ValueError, match=f'bad.npz: its {key} hold NaN or inf'):
-            data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
-        with pytest.warns(UserWarning, match='bad.npz'):
-            out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, skip_bad=True)
-        assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
-
-
-class FullDisk:
-    """A file whose writes fail after the first `room` bytes, with ENOSPC, as on a full disk."""
-    def __init__(self, path, mode, room):
-        self.f, self.room, self.name = open(path, mode), room, path
-
-    def write(self, b):
-        self.room -= len(b)
-        if self.room < 0:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.name)
-        return self.f.write(b)
-
-    def close(self):
-        self.f.close()
-
-
-def test_a_full_disk_while_preparing_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
-    for i in range(3):
-        _write_npz(tmp_path, f'e{i}.npz', 8, seed=i)
-    monkeypatch.setattr(data, 'open', lambda path, mode='r': FullDisk(path, mode, 5000), raising=False)
-    out = str(tmp_path / 'p')
-    with pytest.raises(OSError, match=f'^\\[Errno 28\\] cannot prepare {re.escape(out)}: No space left on device$'):
-        data.prepare(str(tmp_path), out, 16)
-    assert os.listdir(out) == []  # no shard, no index: the next run prepares it anew
-
-
-def test_resolve_data_errors_and_cache(tmp_path):
-    with pytest.raises(FileNotFoundError, match='--data'):
-        data.resolve_data(str(tmp_path / 'missing'), 16)
-    with pytest.raises(ValueError, match='empty dataset'):
-        data.resolve_data(str(tmp_path), 16)
-    _write_npz(tmp_path, 'a.npz', 8)
-    out = data.resolve_data(str(tmp_path), 16)
-    assert out == str(tmp_path / '.prepared_16') and data.resolve_data(str(tmp_path), 16) == out
-    assert data.resolve_data(out, 16) == out
-    with pytest.raises(ValueError, match='res=16'):
-        data.resolve_data(out, 32)
-
-
-def test_prepare_and_clip_sampler(tmp_path):
-    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=6, T=10, res=16, seed=0, shard_frames=25)
-    meta = json.load(open(os.path.join(d, 'index.json')))
-    assert len(meta['shards']) == 3 and sum(s['frames'] for s in meta['shards']) == 60
-    s = data.ClipSampler(d, clip_len=4, val_frac=0.2)
-    b = s.sample(5)
-    assert b['frames'].shape == (5, 4, 3, 16, 16) and b['frames'].dtype == torch.float32  # as the model takes them
-    assert b['actions'].shape == (5, 3, 2) and b['states'].shape == (5, 4, 8) and str(b['actions'].dtype) == 'torch.float32'
-    for k in range(5):
-        i, t = int(b['episode'][k]), int(b['start'][k])
-        ep = s.get_episode(i)
-        assert np.array_equal(data.to_uint8(b['frames'][k:k + 1])[0], ep['frames'][t:t + 4])
-        assert np.array_equal(b['actions'][k].numpy(), ep['actions'][t:t + 3])
-        assert np.array_equal(b['states'][k].numpy(), ep['states'][t:t + 4])
-        assert i in s.episodes('train')
-    ref = generate_episode(data.episode_seed(0, 2), 10, 16)
-    ep = s.get_episode(2)
-    assert all(np.array_equal(ep[k], ref[k]) for k in ('frames', 'actions', 'states'))
-    train, val = set(s.episodes('train')), set(s.episodes('val'))
-    assert len(val) == 1 and not train & val and train | val == set(range(6))
-    assert set(data.ClipSampler(d, 4, split='val', val_frac=0.2).sample(8)['episode'].tolist()) == val
-    # ranks differ, same (seed, rank) repeats, and the RNG state resumes exactly
-    r0, r1 = data.ClipSampler(d, 4, rank=0, world_size=2), data.ClipSampler(d, 4, rank=1, world_size=2)
-    assert not np.array_equal(r0.sample(8)['frames'], r1.sample(8)['frames'])
-    again = data.ClipSampler(d, 4, rank=1, world_size=2)
-    again.sample(8)
-    sd = again.state_dict()
-    nxt = again.sample(8)['frames']
-    assert np.array_equal(r1.sample(8)['frames'], nxt)
-    fresh = data.ClipSampler(d, 4, rank=1, world_size=2)
-    fresh.load_state_dict(sd)
-    assert np.array_equal(fresh.sample(8)['frames'], nxt)
-    with pytest.raises(ValueError, match='11 frames'):
-        data.ClipSampler(d, 11)
-
-
-def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
-    for i in range(4):
-        _write_npz(tmp_path, f'e{i}.npz', 6, seed=i)
-    out = str(tmp_path / 'p')
-    data.prepare(str(tmp_path), out, 16, shard_frames=6)  # a previous, complete dataset
-    real, calls = data.load_episode, []
-
-    def flaky(path, res):
-        calls.append(path)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(path, res)
-    monkeypatch.setattr(data, 'load_episode', flaky)
-    with pytest.raises(KeyboardInterrupt):
-        data.prepare(str(tmp_path), out, 16, shard_frames=6)
-    assert os.listdir(out) == []
-
-
-def test_default_dataset_is_cached(tmp_path):
-    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path))
-    mtime = os.path.getmtime(os.path.join(a, 'index.json'))
-    assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
-    assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
-    assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
-    assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 3, 16, 16)
-
-
-# ----------------------------------------------------------------------------------------------------
-# lerobot.py: simulator episodes written in both layouts, read back, trained on
-
-def _psnr(a, b):
-    return 10 * np.log10(255 ** 2 / max(np.mean((a.astype(float) - b) ** 2), 1e-10))
-
-
-@pytest.fixture(scope='module')
-def lerobot_sets(tmp_path_factory):
-    """The same 9 simulator episodes (10-12 frames, 32 px) as a v3.0 dataset (AV1 if PyAV has an encoder; 2
-    episodes per video file, 8 per data file) and as a v2.1 one (H.264, a file per episode)."""
-    pytest.importorskip('av')
-    pytest.importorskip('pyarrow')
-    import lerobot
-    eps = [generate_episode(data.episode_seed(7, i), 10 + i % 3, 32) for i in range(9)]
-    root = tmp_path_factory.mktemp('lerobot')
-    v30, v21 = str(root / 'v30'), str(root / 'v21')
-    codec = lerobot.write_dataset(v30, iter(eps), episodes_per_file=2)
-    lerobot.write_dataset(v21, iter(eps), version='v2.1', codec='libx264')
-    return eps, v30, v21, codec
-
-
-def test_lerobot_layouts_read_back(lerobot_sets):
-    import av
-    import lerobot
-    eps, v30, v21, codec = lerobot_sets
-    assert codec in lerobot.AV1_ENCODERS, f"no AV1 encoder in this PyAV build ({codec}): the v3.0 test ran on H.264"
-    files = lambda root, sub: sorted(os.listdir(os.path.join(root, sub)))
-    assert files(v30, 'videos/observation.image/chunk-000') == [f'file-{i:03d}.mp4' for i in range(5)]
-    assert files(v30, 'data/chunk-000') == ['file-000.parquet', 'file-001.parquet']
-    assert files(v21, 'videos/chunk-000/observation.image') == [f'episode_{i:06d}.mp4' for i in range(9)]
-    for root, version, want in ((v30, 'v3.0', 'av1'), (v21, 'v2.1', 'h264')):
-        video = os.path.join(root, json.load(open(os.path.join(root, 'meta/info.json')))['video_path'].format(
-            video_key='observation.image', chunk_index=0, file_index=0, episode_chunk=0, episode_index=0))
-        with av.open(video) as c:
-            assert c.streams.video[0].codec_context.name in ((want,) if want == 'h264' else ('av1', 'libdav1d'))
-        src = lerobot.Source(root)
-        assert src.version == version
-        assert src.camera == 'observation.image' and src.names == [f'episode_{i:06d}' for i in range(9)]
-        frames = []
-        for k, ref in enumerate(eps):
-            ep = src.load(k)
-            frames.append(ep['frames'])
-            assert np.array_equal(ep['actions'], ref['actions']) and np.array_equal(ep['states'], ref['states'])
-            assert ep['frames'].shape == ref['frames'].shape and ep['frames'].dtype == np.uint8
-            # every frame, the first and last of each episode included, is its own (yuv420p: chroma at half size)
-            worst = min(_psnr(f, g) for f, g in zip(ep['frames'], ref['frames']))
-            assert worst > 25, (root, k, worst)
-        again = lerobot.Source(root)  # out of order: v3.0 seeks into a file (episode 3 starts at 1.2 s) and back
-        assert all(np.array_equal(again.load(k)['frames'], frames[k]) for k in (3, 2, 8, 0))
-        # a stride keeps every 2nd frame and state; an action is the mean of the two it spans
-        ep, ref = lerobot.Source(root, stride=2).load(2), eps[2]  # 12 frames -> 6
-        assert ep['frames'].shape[0] == 6 and np.array_equal(ep['states'], ref['states'][::2])
-        assert np.allclose(ep['actions'], ref['actions'][:10].reshape(5, 2, 2).mean(1))
-
-
-def test_lerobot_tasks_come_back_from_the_index(lerobot_sets):
-    """LeRobot v3.0 reads meta/tasks.parquet with pandas and takes each task's string from the table's index."""
-    pd = pytest.importorskip('pandas')
-    tasks = pd.read_parquet(os.path.join(lerobot_sets[1], 'meta', 'tasks.parquet'))
-    assert tasks.index.tolist() == ['push the blocks'] and tasks.columns.tolist() == ['task_index']
-    assert tasks.iloc[0].name == 'push the blocks' and tasks.loc['push the blocks', 'task_index'] == 0
-
-
-@pytest.mark.slow
-def test_lerobot_images_in_parquet_read_back_and_train(tmp_path):
-    """LeRobot's use_videos=False: PNG frames in the data parquet (Hugging Face's Image struct), both layouts;
-    read back exactly (PNG is lossless), strided, and trained on."""
-    pytest.importorskip('pyarrow')
-    import lerobot
-    eps = [generate_episode(data.episode_seed(5, i), 8 + i, 16) for i in range(4)]
-    for version in ('v3.0', 'v2.1'):
-        root = str(tmp_path / version)
-        assert lerobot.write_dataset(root, iter(eps), version=version, videos=False) == 'png'
-        info = json.load(open(os.path.join(root, 'meta/info.json')))
-        assert info['features']['observation.image']['dtype'] == 'image' and not os.path.exists(os.path.join(root, 'videos'))
-        src = lerobot.Source(root)
-        for k in (2, 0, 3):
-            ep = src.load(k)
-            assert np.array_equal(ep['frames'], eps[k]['frames']) and np.array_equal(ep['actions'], eps[k]['actions'])
-        assert np.array_equal(lerobot.Source(root, stride=2).load(1)['frames'], eps[1]['frames'][::2])
-    out = str(tmp_path / 'run')
-    train(out, '--pretrain_steps=1', '--warmup_steps=1', '--joint_steps=1', '--eval_clips=0', data_dir=str(tmp_path / 'v3.0'))
-    assert ckpt(out)['step'] == 3
-
-
-@pytest.mark.slow
-def test_lerobot_train_and_eval(lerobot_sets, tmp_path):
-    """train.py on each layout (CoLA on v3.0, real actions on v2.1), eval.py's probe against the parquet actions."""
-    eps, v30, v21, _ = lerobot_sets
-    out = str(tmp_path / 'cola')
-    train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=1', '--eval_clips=0', data_dir=v30)
-    prepared = os.path.join(v30, '.prepared_16_observation.image')
-    assert ckpt(out)['config']['camera'] == '' and os.path.exists(os.path.join(prepared, 'index.json'))
-    s = data.ClipSampler(prepared, 4)
-    assert all(np.array_equal(s.get_episode(k)['actions'], eps[k]['actions']) for k in range(9))
-    r = run('eval.py', f'--ckpt={out}/ckpt.pt', *FAST, '--adapter_steps=5', '--adapter_episodes=3', '--n_episodes=4')
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.strip().splitlines()[-1])
-    assert math.isfinite(res['probe_r2']) and len(res['probe_r2_per_dim']) == 2 and 'linear probe' in r.stdout
-    train(str(tmp_path / 'act'), '--mode=actions', '--actions_steps=2', '--eval_clips=0', data_dir=v21)
-    assert ckpt(str(tmp_path / 'act'))['step'] == 2
-
-
-@pytest.mark.slow
-def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
-    import shutil
-    import lerobot
-    eps, v30, v21, _ = lerobot_sets
-    copy = lambda src, name: shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns('.prepared*'))
-    version = copy(v30, 'version')
-    info = json.load(open(version / 'meta/info.json'))
-    json.dump({**info, 'codebase_version': 'v9.9'}, open(version / 'meta/info.json', 'w'))
-    missing = copy(v21, 'missing')
-    os.remove(missing / 'videos/chunk-000/observation.image/episode_000003.mp4')
-    mismatch = copy(v21, 'mismatch')  # episode 0 (10 rows) gets episode 2's video (12 frames)
-    shutil.copy(mismatch / 'videos/chunk-000/observation.image/episode_000002.mp4',
-                mismatch / 'videos/chunk-000/observation.image/episode_000000.mp4')
-    cases = [([f'--data={version}'], "unknown codebase_version 'v9.9'"),
-             ([f'--data={v30}', '--camera=wrist'], '--camera=wrist is not a camera of'),
-             ([f'--data={missing}'], 'episode_000003.mp4: missing video'),
-             ([f'--data={mismatch}'], 'episode 0 has 12 frames in the video but 10 rows in')]
-    for flags, msg in cases:
-        r = train(str(tmp_path / 'o'), *flags, check=False)
-        last = r.stderr.strip().splitlines()[-1]  # after the progress bar of preparing, if it got that far
-        assert r.returncode == 2 and last.startswith('train.py: error: ') and msg in last, (flags, r.stderr[-500:])
-        assert 'Traceback' not in r.stderr, r.stderr
-    # --skip_bad: a bad episode is skipped with a warning naming it; an unreadable video as well
-    (mismatch / 'videos/chunk-000/observation.image/episode_000005.mp4').write_bytes(b'not a video')
-    with pytest.warns(UserWarning) as rec:
-        out = data.prepare(str(mismatch), str(tmp_path / 'p'), 16, skip_bad=True)
-    msgs = [str(w.message) for w in rec]
-    assert any('12 frames in the video' in m for m in msgs) and any('cannot read video' in m and 'episode_000005' in m for m in msgs)
-    kept = [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']]
-    assert kept == [f'episode_{i:06d}' for i in (1, 2, 3, 4, 6, 7, 8)]
-    # without pyarrow or av, one line says what to install
-    monkeypatch.setattr(lerobot.importlib, 'import_module', lambda name: (_ for _ in ()).throw(ImportError(name)))
-    with pytest.raises(ValueError, match='requirements-lerobot.txt'):
-        lerobot.Source(v30)
-
-
-# ----------------------------------------------------------------------------------------------------
-# pusht.py
-
-@pytest.mark.slow
-@needs_pusht
-def test_pusht_recording_aligns_frames_and_actions(tmp_path):
-    ep = pusht.generate_pusht_episode(3, T=12, noise=0)
-    assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
-    # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
-    assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
-    sim = pusht.PushT(seed=3)
-    assert np.array_equal(sim.render(), ep['frames'][0])
-    for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
-        assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
-    # set_state(get_state()) resumes the trajectory (the oracle planner relies on it)
-    s, after = sim.get_state(), [sim.step(a) for a in ep['actions'][:3]]
-    sim.set_state(s)
-    assert max(np.abs(sim.step(a).astype(int) - f).mean() for a, f in zip(ep['actions'][:3], after)) < 0.5
-    # the CLI writes the same episodes; data.py itself does not import gym_pusht
-    r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
-    assert r.returncode == 0, r.stderr[-3000:]
-    with np.load(tmp_path / 'ep_000001.npz') as z:
-        assert np.array_equal(z['frames'], pusht.generate_pusht_episode(1, T=6)['frames'])
-    code = 'import sys, data; assert "gym_pusht" not in sys.modules and "pymunk" not in sys.modules'
-    assert subprocess.run([sys.executable, '-c', code], cwd=HERE).returncode == 0
+def test_latent_actions_window_like_the_idm():
+    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8))
+    lam = model.eval().lam
+    clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
+    out = model.latent_actions(clips)
+    assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
+    with torch.no_grad():  # windows of 4 frames sharing a frame: transitions 0-2, 3-5, 6-7
+        want = torch.cat([lam(clips[:, s:s + 4])['z'] for s in (0, 3, 6)], 1)
+    assert torch.allclose(out['z'], want, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------------------------------
 # train.py, run as users run it: tiny shapes, a few steps
-
-TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
-              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
-              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    return data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=6, T=12, res=16)
-
-
-def run(program, *flags, torchrun=0):
-    """Run one of the programs as users do (under torchrun with that many processes); CompletedProcess."""
-    # --standalone: torchrun picks a free port, so back-to-back runs never collide on the default one
-    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={torchrun}']
-    launcher = launcher if torchrun else [sys.executable]
-    return subprocess.run(launcher + [os.path.join(HERE, program), *flags], capture_output=True, text=True, cwd=HERE,
-                          env={**os.environ, 'OMP_NUM_THREADS': '1'})
-
-
-def train(out, *flags, data_dir=None, check=True, torchrun=0):
-    """train.py with tiny settings; asserts success unless check=False."""
-    r = run('train.py', f'--out_dir={out}', *TINY_TRAIN, *flags, *([f'--data={data_dir}'] if data_dir else []),
-            torchrun=torchrun)
-    if check:
-        assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def ckpt(out):
-    return torch.load(os.path.join(out, 'ckpt.pt'), weights_only=False)
-
-
-def same(a, b):
-    return all(torch.equal(a[k], b[k]) for k in a)
-
-
-def log_of(out):
-    return [json.loads(line) for line in open(os.path.join(out, 'log.jsonl'))]
-
-
-@pytest.fixture(scope='module')
-def pretrained(tiny_data, tmp_path_factory):
-    out = str(tmp_path_factory.mktemp('pre'))
-    train(out, '--mode=pretrain', '--pretrain_steps=3', data_dir=tiny_data)
-    return out
-
 
 @pytest.mark.slow
 def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path):
@@ -1003,116 +783,13 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tm
     assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
 
 
-# Several runs started on one fresh data folder: one prepares it (data.prepare_once), the others wait for it.
-PREPARE_AT_ONCE = """
-import hashlib, os, sys, time
-sys.path.insert(0, {here!r})
-import data
-folder, ready, go = sys.argv[1:]
-open(ready, 'w').close()
-while not os.path.exists(go):  # every process starts preparing at the same moment
-    time.sleep(0.001)
-sampler = data.ClipSampler(data.resolve_data(folder, 16, clip_len=4), 4, 'train')
-digest = hashlib.sha256()
-for i in range(len(sampler.index)):
-    digest.update(sampler.get_episode(i)['frames'].tobytes())
-print(len(sampler.index), digest.hexdigest())
-"""
-
-
-@pytest.mark.slow
-def test_runs_started_together_prepare_one_folder_once(tmp_path):
-    folder = str(tmp_path / 'eps')
-    data.write_episodes(folder, 40, seed=5, T=48, res=64)
-    procs = [subprocess.Popen([sys.executable, '-c', PREPARE_AT_ONCE.format(here=HERE), folder, str(tmp_path / f'ready{k}'),
-                               str(tmp_path / 'go')], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for k in range(3)]
-    while not all((tmp_path / f'ready{k}').exists() for k in range(3)):
-        assert all(p.poll() is None for p in procs), procs[0].communicate()
-    (tmp_path / 'go').touch()
-    outs = [p.communicate() for p in procs]
-    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
-    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # the same frames in all three ...
-    assert outs[0][0].strip().splitlines()[-1].startswith('40 ')  # ... every episode of them
-    assert sum(out.count('prepared ') for out, _ in outs) == 1  # one prepared, the others waited for it
-
-
-SLOW_PREPARE = """
-import sys, time
-sys.path.insert(0, {here!r})
-import data
-load = data.load_episode
-def slow(path, res):  # preparing takes long enough to be killed in the middle
-    open({marker!r}, 'w').close()
-    time.sleep(0.1)
-    return load(path, res)
-data.load_episode = slow
-data.resolve_data({folder!r}, 16)
-"""
-
-
-@pytest.mark.slow
-def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_path):
-    folder, marker = str(tmp_path / 'eps'), str(tmp_path / 'preparing')
-    data.write_episodes(folder, 12, seed=5, T=12, res=32)
-    p = subprocess.Popen([sys.executable, '-c', SLOW_PREPARE.format(here=HERE, marker=marker, folder=folder)])
-    while not os.path.exists(marker):
-        assert p.poll() is None
-    time.sleep(0.5)  # a few episodes into the first shard
-    p.kill()
-    p.wait()
-    prepared = os.path.join(folder, '.prepared_16')
-    assert any(f.endswith('.tmp') for f in os.listdir(prepared)) and not os.path.exists(os.path.join(prepared, 'index.json'))
-    train(str(tmp_path / 'run'), '--pretrain_steps=2', '--warmup_steps=0', '--joint_steps=0', '--eval_clips=0',
-          data_dir=folder)  # the lock died with its holder: this run prepares again and trains
-    assert len(data.ClipSampler(prepared, 4, 'train').index) == 12
-
-
-def test_failed_atomic_save_removes_its_temp_file_and_names_the_cause(tmp_path):
-    """A write that fails (a full disk: torch.save raises RuntimeError('unexpected pos') with the OSError in its
-    context) leaves the earlier file as it was and no temporary file, and says which file and why."""
-    path = tmp_path / 'ckpt.pt'
-    path.write_bytes(b'good')
-
-    def full_disk(f):
-        f.write(b'x' * 1000)
-        try:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        except OSError:
-            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
-    with pytest.raises(OSError, match=f'cannot write {re.escape(str(path))}: No space left on device'):
-        data.atomic_save(str(path), full_disk)
-    with pytest.raises(ValueError, match='not an OSError'):  # a failure the system did not explain stays as it was
-        data.atomic_save(str(path), lambda f: (f.write(b'x'), (_ for _ in ()).throw(ValueError('not an OSError'))))
-    assert os.listdir(tmp_path) == ['ckpt.pt'] and path.read_bytes() == b'good'
-
-
-# train.py with torch.save failing from its second call on, as on a disk with room for one checkpoint
-FULL_DISK_TRAIN = """
-import errno, os, runpy, sys, torch
-sys.path.insert(0, {here!r})
-save, calls = torch.save, []
-def full_disk(obj, f, *args, **kw):
-    calls.append(1)
-    if len(calls) == 1:
-        return save(obj, f, *args, **kw)
-    f.write(b'x' * 4096)
-    try:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    except OSError:
-        raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 4000512 vs 4000400')
-torch.save = full_disk
-sys.argv = ['train.py', *sys.argv[1:]]
-runpy.run_path(os.path.join({here!r}, 'train.py'), run_name='__main__')
-"""
-
-
 @pytest.mark.slow
 def test_full_disk_stops_the_run_with_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path):
     out = str(tmp_path / 'run')
-    r = subprocess.run([sys.executable, '-c', FULL_DISK_TRAIN.format(here=HERE), f'--out_dir={out}', *TINY_TRAIN,
-                        '--pretrain_steps=6', '--warmup_steps=0', '--joint_steps=0', '--ckpt_interval=2',
-                        f'--data={tiny_data}'], capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    p = in_subprocess('train_on_a_full_disk', f'--out_dir={out}', *TINY_TRAIN, '--pretrain_steps=6', '--warmup_steps=0',
+                      '--joint_steps=0', '--ckpt_interval=2', f'--data={tiny_data}', stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    r = subprocess.CompletedProcess(p.args, p.wait(), *p.communicate())
     assert r.returncode == 1 and 'Traceback' not in r.stderr, r.stderr[-2000:]
     assert f'cannot write {out}/ckpt.pt: No space left on device at step 4' in r.stderr
     assert not [f for f in os.listdir(out) if f.endswith('.tmp')] and ckpt(out)['step'] == 2
@@ -1144,20 +821,7 @@ def test_a_second_run_on_a_busy_out_dir_is_refused_and_resume_after_a_kill_is_no
 
 
 # ----------------------------------------------------------------------------------------------------
-# cola.py: the measurements the programs share
-
-@pytest.mark.slow
-def test_save_checkpoint_is_safe_for_concurrent_writers(tmp_path):
-    """Two processes saving the same file at once (two evaluations caching one state probe, as experiments.py
-    runs them) both succeed and leave a whole file: each writes its own temporary name before the rename."""
-    path = tmp_path / 'probe.pt'
-    code = (f"import sys, torch; sys.path.insert(0, {HERE!r}); from cola import save_checkpoint\n"
-            f"for _ in range(150): save_checkpoint({{'w': torch.ones(200, 200)}}, {str(path)!r})")
-    procs = [subprocess.Popen([sys.executable, '-c', code], stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    errors = [p.communicate()[1] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], errors
-    assert torch.equal(torch.load(path)['w'], torch.ones(200, 200)) and os.listdir(tmp_path) == ['probe.pt']
-
+# measure.py
 
 def test_probe_recovers_linear_map_and_not_noise():
     g = torch.Generator().manual_seed(0)
@@ -1218,93 +882,6 @@ def test_identical_clips_score_finite():
     assert all(math.isfinite(x) for x in p + s) and len(p) == 2
 
 
-def test_cola_world_owns_the_loss_and_the_optimizer_of_every_phase():
-    """model(x, phase) -> loss; set_phase(phase) and configure_optimizers(phase) train exactly CoLAWorld.PHASES[phase],
-    the optimizer carries the AdamW state of what trained before (warm-up -> joint keeps the LAM's moments), and
-    building it has no side effects."""
-    torch.manual_seed(0)
-    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
-                                action_dim=8, codebook_size=8, mode='two_stage', dec_depth=1))
-    x, opt = torch.rand(2, 4, 3, 16, 16) * 2 - 1, None
-    for phase in ('pretrain', 'warmup', 'joint', 'lam', 'wm'):
-        before = [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
-        old, (opt, params) = opt, model.configure_optimizers(phase, lr=1e-3, old=opt)
-        assert before == [(p.requires_grad, m.training) for m in model.modules() for p in m.parameters(recurse=False)]
-        model.set_phase(phase)  # building an optimizer changes nothing; set_phase freezes what the phase leaves
-        if phase == 'joint':  # the LAM's moments from the warm-up step came along
-            assert opt[0].state[model.lam.idm.embed.weight]['step'] == 1
-        out = model(x, phase, p_relax=0.5)
-        assert out['loss'].ndim == 0 and ('recon' if phase == 'lam' else 'flow') in out
-        out['loss'].backward()
-        for name in cola.CoLAWorld.MODULES:
-            got_grad = any(p.grad is not None for p in getattr(model, name).parameters())
-            assert got_grad == (name in cola.CoLAWorld.PHASES[phase]), (phase, name)
-        opt[0].step()
-        opt[0].zero_grad(set_to_none=True)
-    real = model(x, 'wm', real_actions=torch.rand(2, 3, 2))  # --mode=actions: the real actions in the latent slot
-    assert set(real) == {'loss', 'flow'}
-
-
-def test_muon_is_torchs_update_in_fp32_on_the_hidden_matrices_only():
-    """cola.Muon makes torch.optim.Muon's step (Nesterov momentum, Newton-Schulz, AdamW-matched RMS, decoupled weight
-    decay) up to torch's bf16 rounding; with muon=True it trains exactly the blocks' 2-D weights, AdamW the rest."""
-    torch.manual_seed(0)
-    ours = [torch.randn(192, 64, requires_grad=True), torch.randn(64, 256, requires_grad=True),
-            torch.randn(192, 64, requires_grad=True)]
-    ref = [w.detach().clone().requires_grad_() for w in ours]
-    start = [w.detach().clone() for w in ours]
-    opts = (cola.Muon(ours, lr=1e-2, weight_decay=0.1),
-            torch.optim.Muon(ref, lr=1e-2, weight_decay=0.1, adjust_lr_fn='match_rms_adamw'))
-    for _ in range(3):
-        for w, r in zip(ours, ref):
-            w.grad = torch.randn_like(w)
-            r.grad = w.grad.clone()
-        for o in opts:
-            o.step()
-    for w, r, w0 in zip(ours, ref, start):
-        assert torch.linalg.norm((w - w0) - (r - w0)) < 0.02 * torch.linalg.norm(r - w0)
-    s = torch.linalg.svdvals(cola.orthogonalise(torch.randn(3, 64, 192)))
-    assert s.min() > 0.5 and s.max() < 1.5  # about orthogonal, batched over the leading dim
-    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32,
-                                action_dim=8, codebook_size=8))
-    (adamw, muon), params = model.configure_optimizers('joint', lr=1e-3, muon=True)
-    named = dict(model.named_parameters())
-    in_muon = {n for n, p in named.items() if any(p is q for q in muon.param_groups[0]['params'])}
-    assert 'wm.blocks.0.spatial.qkv.weight' in in_muon and 'lam.idm.blocks.0.mlp.0.weight' in in_muon
-    assert not in_muon & {'wm.embed.weight', 'wm.head.weight', 'wm.pos_time', 'lam.quantizer.codebook',
-                          'wm.blocks.0.spatial.qkv.bias', 'action.inp.weight'}
-    assert len(adamw.param_groups[0]['params']) + len(in_muon) == len(params) == len(named)
-
-
-def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
-    """--motion_weight changes the flow loss of the phases that condition the world model on actions (warm-up,
-    joint, wm, --mode=actions) and leaves pretraining and the LAM's pixel decoder at plain MSE."""
-    settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
-                    codebook_size=8, mode='two_stage', dec_depth=1)
-    x = moving_square(2, 4)
-    torch.manual_seed(0)
-    plain, weighted = cola.CoLAWorld(settings), cola.CoLAWorld(dict(settings, motion_weight=50.0))
-    weighted.load_state_dict(plain.state_dict())
-    for phase in ('pretrain', 'lam', 'warmup', 'joint', 'wm', 'actions'):
-        losses = []
-        for model in (plain, weighted):
-            torch.manual_seed(1)  # the same noise, times and dropped conditions for both
-            real = torch.rand(2, 3, 2) if phase == 'actions' else None
-            losses.append(model(x, 'wm' if phase == 'actions' else phase, real)['loss'])
-        assert torch.equal(*losses) == (phase in ('pretrain', 'lam')), phase
-
-
-def test_latent_actions_window_like_the_idm():
-    model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8))
-    lam = model.eval().lam
-    clips = torch.rand(2, 9, 3, 16, 16) * 2 - 1
-    out = model.latent_actions(clips)
-    assert out['z'].shape == (2, 8, 2, 8) and out['codes'].shape == (2, 8, 2)
-    with torch.no_grad():  # windows of 4 frames sharing a frame: transitions 0-2, 3-5, 6-7
-        want = torch.cat([lam(clips[:, s:s + 4])['z'] for s in (0, 3, 6)], 1)
-    assert torch.allclose(out['z'], want, atol=1e-6)
-
-
 def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
     g = torch.Generator().manual_seed(0)
     actions = torch.rand(500, 2, generator=g) * 2 - 1
@@ -1317,55 +894,7 @@ def test_adapter_training_lowers_loss_and_feeds_the_quantizer():
 
 
 # ----------------------------------------------------------------------------------------------------
-# state_probe.py
-
-def test_state_probe_readout_finds_objects_in_any_order():
-    states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
-    heat = state_probe.object_maps(states, 8, 32)  # what a perfect probe draws
-    d = state_probe.object_distances(heat, states)
-    assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
-    swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
-    assert state_probe.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
-    moved = states.clone()
-    moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
-    moved[0, 4:6] = 0
-    d = state_probe.object_distances(state_probe.object_maps(moved, 8, 32), states)
-    assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
-    assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
-
-
-@pytest.mark.slow
-def test_state_probe_learns_positions_and_is_cached(tmp_path):
-    """The probe fits object positions on its training frames (its held-out error on the built-in data is in
-    the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
-    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
-    sampler = data.ClipSampler(d, 4, 'val')
-    probe = state_probe.load_state_probe(sampler, steps=400)
-    assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
-    eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
-    frames = data.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
-    states = torch.from_numpy(np.stack([e['states'] for e in eps]))
-    err = state_probe.state_errors(probe, frames, states)
-    mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
-    assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
-    again = state_probe.state_errors(state_probe.load_state_probe(sampler), frames, states)  # loaded from the cache
-    assert torch.equal(again['agent'], err['agent'])
-
-
-# ----------------------------------------------------------------------------------------------------
 # eval.py and sample.py
-
-FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
-
-
-@pytest.fixture(scope='module')
-def tiny_ckpt(tmp_path_factory):
-    """A tiny CoLA checkpoint (pretrain -> warm-up -> joint, a few steps) trained on 8 simulator episodes."""
-    d = data.prepare_from_sim(str(tmp_path_factory.mktemp('d') / 'p'), episodes=8, T=12, res=16)
-    out = str(tmp_path_factory.mktemp('ck'))
-    train(out, '--pretrain_steps=3', '--warmup_steps=3', '--joint_steps=2', '--eval_clips=0', data_dir=d)
-    return os.path.join(out, 'ckpt.pt')
-
 
 @pytest.mark.slow
 def test_eval_json_and_determinism(tiny_ckpt):
@@ -1386,6 +915,10 @@ def test_eval_json_and_determinism(tiny_ckpt):
         for obj in ('agent', 'blocks'):
             assert math.isfinite(a[f'{p}state_err_{obj}']) and len(a[f'{p}state_err_{obj}_per_step']) == 6
     assert a['state_floor_agent'] >= 0 and a['state_floor_blocks'] >= 0
+    for obj in ('agent', 'blocks'):  # frames held: counted from the per-step errors, a half holds at least a quarter's
+        held = lambda frac: sum(e <= max(frac * c, a[f'state_floor_{obj}'] + 0.01) for e, c in
+                                zip(a[f'state_err_{obj}_per_step'], a[f'copy_state_err_{obj}_per_step']))
+        assert a[f'{obj}_frames_within_quarter'] == held(0.25) <= a[f'{obj}_frames_within_half'] == held(0.5) <= 6
     for k in ('probe_r2', 'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):  # 2-d actions: two R² each
         assert len(a[k + '_per_dim']) == 2 and a[k] == pytest.approx(sum(a[k + '_per_dim']) / 2, abs=1e-3), k
     assert not any('lpips' in k or 'fvd' in k for k in a)
@@ -1426,24 +959,6 @@ def test_actions_checkpoint_is_driven_by_real_actions(tiny_data, tmp_path):
         a = torch.rand(2, 4, 2) * 2 - 1
         z = lambda acts: cola.real_latents(acts, model.lam.cfg)
         assert not torch.equal(model.simulate(clips, z(a)), model.simulate(clips, z(-a)))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize('program', ['train.py', 'eval.py', 'sample.py', 'plan.py', 'bench.py', 'experiments.py'])
-def test_help_lists_every_setting_with_its_default_and_comment(program):
-    """--help and -h print the docstring and the settings block as the file writes it, and exit 0: every flag
-    that the program accepts is there, with its default."""
-    helped = run(program, '--help')
-    assert helped.returncode == 0 and helped.stderr == '', helped.stderr[-500:]
-    valid = run(program, '--no_such_flag=1').stderr.split('valid flags: ')[1].split()
-    src = open(os.path.join(HERE, program)).read()
-    for flag in valid:
-        line = next(l for l in helped.stdout.splitlines() if l.startswith(f'{flag[2:]} = '))
-        assert line in src.splitlines()  # the file's own line: default and comment
-    assert src.split('"""')[1].strip().splitlines()[0] in helped.stdout  # the docstring's first line
-    if program == 'train.py':
-        assert run(program, '-h').stdout == helped.stdout
-        assert "lr = 1e-3               # peak learning rate" in helped.stdout
 
 
 @pytest.mark.slow
@@ -1532,6 +1047,546 @@ def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# play.py
+
+def test_play_session_follows_the_keys(tiny_ckpt):
+    """play.Session: the context is the held-out episode's own frames; a move key or a code adds one generated frame
+    whose truth is gone, E keeps the episode's truth beside, and the same keys give the same frames."""
+    import play
+    model, _, _, sampler = measure.open_run(tiny_ckpt, '', 'cpu', 'train')
+    z_e, acts = measure.episode_latents(model, sampler, sampler.episodes('train')[:4], 'cpu')
+    adapter = measure.train_adapter(torch.cat(acts), torch.cat(z_e), 20)[0]
+    views = []
+    for _ in range(2):
+        s = play.Session(model, sampler, adapter)
+        first = s.view()
+        assert np.array_equal(first[:, :16], first[:, 16:])  # context: generated = truth, the episode's frame 1
+        assert 'held-out episode' in s.press('')
+        s.press('e')
+        assert s.on_episode and np.array_equal(s.view()[:, 16:], s.episode['frames'][2])
+        s.press('right')
+        assert not s.on_episode and (s.view()[:, 16:] == 128).all()  # moved off the episode: no truth
+        assert 'code 3' in s.press('3') and 'nothing to do' in s.press('x')
+        assert len(s.frames) == 5 and len(s.z) == 4  # 2 context frames, 3 generated; a latent action per transition
+        views.append(np.stack([f.numpy() for f in s.frames]))
+        s.press('r')
+        assert len(s.frames) == 2 and s.clip == 1
+    assert np.array_equal(*views) and not np.array_equal(views[0][3], views[0][4])
+
+
+@pytest.mark.slow
+def test_play_headless_gif_and_page(tiny_ckpt, tmp_path):
+    """--keys writes the session as a GIF (generated | truth, a frame a key); without it the page serves on
+    localhost and answers a key with a new frame."""
+    r = run('play.py', f'--ckpt={tiny_ckpt}', '--keys=right,e,3,r,d', f'--out={tmp_path}/p.gif', '--adapter_steps=20')
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert iio.imread(tmp_path / 'p.gif').shape == (6, 4 * (16 + 3), 4 * 33, 3)  # scale 4, 2 panels, a time bar
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, 'play.py'), f'--ckpt={tiny_ckpt}', '--port=0',
+                          '--adapter_steps=20'], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=HERE,
+                         env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    try:
+        line = p.stdout.readline()
+        assert line.startswith('adapter fit'), line + p.stderr.read()
+        port = int(p.stdout.readline().split('localhost:')[1].split()[0])
+        import urllib.request
+        assert b'generated | truth' in urllib.request.urlopen(f'http://localhost:{port}/').read()
+        answer = json.loads(urllib.request.urlopen(f'http://localhost:{port}/key?k=right').read())
+        assert answer['frame'] == 2 and 'right' in answer['said'] and answer['ms'] > 0  # the time: README, not a test
+        image = iio.imread(base64.b64decode(answer['image'].split(',')[1]))
+        assert image.shape == (16 * 8, 32 * 8, 3)
+    finally:
+        p.kill()
+        p.wait()
+
+
+# ----------------------------------------------------------------------------------------------------
+# data.py
+
+@pytest.mark.slow
+def test_cli_writes_npz_episodes(tmp_path):
+    out = tmp_path / 'eps'
+    subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), f'--out_dir={out}', '--episodes', '2',
+                    '--T', '8', '--res=32'], check=True, capture_output=True)
+    files = sorted(os.listdir(out))
+    assert files == ['ep_000000.npz', 'ep_000001.npz']
+    ep = data.load_episode(str(out / files[1]), 32)
+    ref = generate_episode(data.episode_seed(0, 1), 8, 32)
+    for k in ('frames', 'actions', 'states'):
+        assert np.array_equal(ep[k], ref[k])
+    assert int(np.load(out / files[1])['n_blocks']) == ref['n_blocks']
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'data.py'), '--nope=1'], capture_output=True, text=True)
+    assert r.returncode != 0 and '--nope' in r.stderr and '--out_dir' in r.stderr
+
+
+def test_video_round_trip(tmp_path):
+    frames = generate_episode(1, 10, 64)['frames']
+    frames[:, :8, :8] = np.arange(10)[:, None, None, None] * 25  # Pillow's GIF writer merges repeated frames
+    iio.imwrite(tmp_path / 'a.mp4', frames, plugin='FFMPEG', fps=10)
+    iio.imwrite(tmp_path / 'b.gif', frames, loop=0)
+    for name, tol in (('a.mp4', 12), ('b.gif', 12)):
+        ep = data.load_episode(str(tmp_path / name), 64)
+        assert ep['frames'].shape == (10, 64, 64, 3) and ep['frames'].dtype == np.uint8 and ep['actions'] is None
+        assert np.abs(ep['frames'].astype(int) - frames).mean() < tol
+    small = data.load_episode(str(tmp_path / 'a.mp4'), 32)['frames']
+    assert small.shape == (10, 32, 32, 3)
+    # grey and RGBA npz frames become RGB; non-square frames are centre-cropped
+    np.savez(tmp_path / 'g.npz', frames=np.zeros((3, 20, 40), np.uint8))
+    assert data.load_episode(str(tmp_path / 'g.npz'), 16)['frames'].shape == (3, 16, 16, 3)
+
+
+def test_bad_and_short_files_are_named(tmp_path):
+    _write_npz(tmp_path, 'good.npz', 8)
+    _write_npz(tmp_path, 'short.npz', 3)
+    (tmp_path / 'bad.mp4').write_bytes(b'not a video')
+    with pytest.raises(ValueError, match='bad.mp4'):
+        data.load_episode(str(tmp_path / 'bad.mp4'), 16)
+    with pytest.raises(ValueError, match='bad.mp4'):
+        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
+    (tmp_path / 'bad.mp4').unlink()
+    with pytest.raises(ValueError, match='short.npz'):
+        data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6)
+    (tmp_path / 'bad.npz').write_bytes(b'PK\x03\x04 truncated')
+    with pytest.warns(UserWarning) as rec:
+        out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, clip_len=6, skip_bad=True)
+    assert any('bad.npz' in str(w.message) for w in rec) and any('short.npz' in str(w.message) for w in rec)
+    assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
+
+
+def test_non_finite_actions_or_states_are_named_or_skipped(tmp_path):
+    """A NaN or inf in an episode's actions or states is refused while preparing, naming the file, or the file
+    is left out with --skip_bad: it would otherwise poison a run hours later, far from its cause."""
+    _write_npz(tmp_path, 'good.npz', 8)
+    for key in ('actions', 'states'):
+        ep = _write_npz(tmp_path, 'bad.npz', 8)
+        ep[key][2, 0] = np.inf if key == 'states' else np.nan
+        np.savez(tmp_path / 'bad.npz', frames=ep['frames'], actions=ep['actions'], states=ep['states'])
+        with pytest.raises(ValueError, match=f'bad.npz: its {key} hold NaN or inf'):
+            data.prepare(str(tmp_path), str(tmp_path / 'p'), 16)
+        with pytest.warns(UserWarning, match='bad.npz'):
+            out = data.prepare(str(tmp_path), str(tmp_path / 'p'), 16, skip_bad=True)
+        assert [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']] == ['good.npz']
+
+
+def test_a_full_disk_while_preparing_names_the_folder_and_leaves_nothing(tmp_path, monkeypatch):
+    for i in range(3):
+        _write_npz(tmp_path, f'e{i}.npz', 8, seed=i)
+    monkeypatch.setattr(data, 'open', lambda path, mode='r': FullDisk(path, mode, 5000), raising=False)
+    out = str(tmp_path / 'p')
+    with pytest.raises(OSError, match=f'^\\[Errno 28\\] cannot prepare {re.escape(out)}: No space left on device$'):
+        data.prepare(str(tmp_path), out, 16)
+    assert os.listdir(out) == []  # no shard, no index: the next run prepares it anew
+
+
+def test_resolve_data_errors_and_cache(tmp_path):
+    with pytest.raises(FileNotFoundError, match='--data'):
+        data.resolve_data(str(tmp_path / 'missing'), 16)
+    with pytest.raises(ValueError, match='empty dataset'):
+        data.resolve_data(str(tmp_path), 16)
+    _write_npz(tmp_path, 'a.npz', 8)
+    out = data.resolve_data(str(tmp_path), 16)
+    assert out == str(tmp_path / '.prepared_16') and data.resolve_data(str(tmp_path), 16) == out
+    assert data.resolve_data(out, 16) == out
+    with pytest.raises(ValueError, match='res=16'):
+        data.resolve_data(out, 32)
+
+
+def test_prepare_and_clip_sampler(tmp_path):
+    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=6, T=10, res=16, seed=0, shard_frames=25)
+    meta = json.load(open(os.path.join(d, 'index.json')))
+    assert len(meta['shards']) == 3 and sum(s['frames'] for s in meta['shards']) == 60
+    s = data.ClipSampler(d, clip_len=4, val_frac=0.2)
+    b = s.sample(5)
+    assert b['frames'].shape == (5, 4, 3, 16, 16) and b['frames'].dtype == torch.float32  # as the model takes them
+    assert b['actions'].shape == (5, 3, 2) and b['states'].shape == (5, 4, 8) and str(b['actions'].dtype) == 'torch.float32'
+    for k in range(5):
+        i, t = int(b['episode'][k]), int(b['start'][k])
+        ep = s.get_episode(i)
+        assert np.array_equal(data.to_uint8(b['frames'][k:k + 1])[0], ep['frames'][t:t + 4])
+        assert np.array_equal(b['actions'][k].numpy(), ep['actions'][t:t + 3])
+        assert np.array_equal(b['states'][k].numpy(), ep['states'][t:t + 4])
+        assert i in s.episodes('train')
+    ref = generate_episode(data.episode_seed(0, 2), 10, 16)
+    ep = s.get_episode(2)
+    assert all(np.array_equal(ep[k], ref[k]) for k in ('frames', 'actions', 'states'))
+    train, val = set(s.episodes('train')), set(s.episodes('val'))
+    assert len(val) == 1 and not train & val and train | val == set(range(6))
+    assert set(data.ClipSampler(d, 4, split='val', val_frac=0.2).sample(8)['episode'].tolist()) == val
+    # ranks differ, same (seed, rank) repeats, and the RNG state resumes exactly
+    r0, r1 = data.ClipSampler(d, 4, rank=0, world_size=2), data.ClipSampler(d, 4, rank=1, world_size=2)
+    assert not np.array_equal(r0.sample(8)['frames'], r1.sample(8)['frames'])
+    again = data.ClipSampler(d, 4, rank=1, world_size=2)
+    again.sample(8)
+    sd = again.state_dict()
+    nxt = again.sample(8)['frames']
+    assert np.array_equal(r1.sample(8)['frames'], nxt)
+    fresh = data.ClipSampler(d, 4, rank=1, world_size=2)
+    fresh.load_state_dict(sd)
+    assert np.array_equal(fresh.sample(8)['frames'], nxt)
+    with pytest.raises(ValueError, match='11 frames'):
+        data.ClipSampler(d, 11)
+
+
+def test_interrupted_prepare_leaves_no_dataset(tmp_path, monkeypatch):
+    for i in range(4):
+        _write_npz(tmp_path, f'e{i}.npz', 6, seed=i)
+    out = str(tmp_path / 'p')
+    data.prepare(str(tmp_path), out, 16, shard_frames=6)  # a previous, complete dataset
+    real, calls = data.load_episode, []
+
+    def flaky(path, res):
+        calls.append(path)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(path, res)
+    monkeypatch.setattr(data, 'load_episode', flaky)
+    with pytest.raises(KeyboardInterrupt):
+        data.prepare(str(tmp_path), out, 16, shard_frames=6)
+    assert os.listdir(out) == []
+
+
+def test_default_dataset_is_cached(tmp_path):
+    a = data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path))
+    mtime = os.path.getmtime(os.path.join(a, 'index.json'))
+    assert data.default_dataset(res=16, episodes=3, T=6, seed=1, root=str(tmp_path)) == a
+    assert os.path.getmtime(os.path.join(a, 'index.json')) == mtime
+    assert sorted(os.listdir(tmp_path)) == [os.path.basename(a)]
+    assert data.ClipSampler(a, 6).sample(2)['frames'].shape == (2, 6, 3, 16, 16)
+
+
+@pytest.mark.slow
+def test_runs_started_together_prepare_one_folder_once(tmp_path):
+    folder = str(tmp_path / 'eps')
+    data.write_episodes(folder, 40, seed=5, T=48, res=64)
+    procs = [in_subprocess('prepare_when_told', folder, tmp_path / f'ready{k}', tmp_path / 'go', stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for k in range(3)]
+    while not all((tmp_path / f'ready{k}').exists() for k in range(3)):
+        assert all(p.poll() is None for p in procs), procs[0].communicate()
+    (tmp_path / 'go').touch()
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err[-800:] for _, err in outs]
+    assert len({out.strip().splitlines()[-1] for out, _ in outs}) == 1  # the same frames in all three ...
+    assert outs[0][0].strip().splitlines()[-1].startswith('40 ')  # ... every episode of them
+    assert sum(out.count('prepared ') for out, _ in outs) == 1  # one prepared, the others waited for it
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_preparing_leaves_nothing_that_looks_finished(tmp_path):
+    folder, marker = str(tmp_path / 'eps'), str(tmp_path / 'preparing')
+    data.write_episodes(folder, 12, seed=5, T=12, res=32)
+    p = in_subprocess('prepare_slowly', folder, marker)
+    while not os.path.exists(marker):
+        assert p.poll() is None
+    time.sleep(0.5)  # a few episodes into the first shard
+    p.kill()
+    p.wait()
+    prepared = os.path.join(folder, '.prepared_16')
+    assert any(f.endswith('.tmp') for f in os.listdir(prepared)) and not os.path.exists(os.path.join(prepared, 'index.json'))
+    train(str(tmp_path / 'run'), '--pretrain_steps=2', '--warmup_steps=0', '--joint_steps=0', '--eval_clips=0',
+          data_dir=folder)  # the lock died with its holder: this run prepares again and trains
+    assert len(data.ClipSampler(prepared, 4, 'train').index) == 12
+
+
+def test_failed_atomic_save_removes_its_temp_file_and_names_the_cause(tmp_path):
+    """A write that fails (a full disk: torch.save raises RuntimeError('unexpected pos') with the OSError in its
+    context) leaves the earlier file as it was and no temporary file, and says which file and why."""
+    path = tmp_path / 'ckpt.pt'
+    path.write_bytes(b'good')
+
+    def full_disk(f):
+        f.write(b'x' * 1000)
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError:
+            raise RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598')
+    with pytest.raises(OSError, match=f'cannot write {re.escape(str(path))}: No space left on device'):
+        data.atomic_save(str(path), full_disk)
+    with pytest.raises(ValueError, match='not an OSError'):  # a failure the system did not explain stays as it was
+        data.atomic_save(str(path), lambda f: (f.write(b'x'), (_ for _ in ()).throw(ValueError('not an OSError'))))
+    assert os.listdir(tmp_path) == ['ckpt.pt'] and path.read_bytes() == b'good'
+
+
+@pytest.mark.slow
+def test_atomic_torch_save_is_safe_for_concurrent_writers(tmp_path):
+    """Two processes saving the same file at once (two evaluations caching one state probe, as experiments.py
+    runs them) both succeed and leave a whole file: each writes its own temporary name before the rename."""
+    path = tmp_path / 'probe.pt'
+    procs = [in_subprocess('save_often', path, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    errors = [p.communicate()[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errors
+    assert torch.equal(torch.load(path)['w'], torch.ones(200, 200)) and os.listdir(tmp_path) == ['probe.pt']
+
+
+# ----------------------------------------------------------------------------------------------------
+# lerobot.py: simulator episodes written in both layouts, read back, trained on
+
+def test_lerobot_layouts_read_back(lerobot_sets):
+    import av
+    import lerobot
+    eps, v30, v21, codec = lerobot_sets
+    assert codec in lerobot.AV1_ENCODERS, f"no AV1 encoder in this PyAV build ({codec}): the v3.0 test ran on H.264"
+    files = lambda root, sub: sorted(os.listdir(os.path.join(root, sub)))
+    assert files(v30, 'videos/observation.image/chunk-000') == [f'file-{i:03d}.mp4' for i in range(5)]
+    assert files(v30, 'data/chunk-000') == ['file-000.parquet', 'file-001.parquet']
+    assert files(v21, 'videos/chunk-000/observation.image') == [f'episode_{i:06d}.mp4' for i in range(9)]
+    for root, version, want in ((v30, 'v3.0', 'av1'), (v21, 'v2.1', 'h264')):
+        video = os.path.join(root, json.load(open(os.path.join(root, 'meta/info.json')))['video_path'].format(
+            video_key='observation.image', chunk_index=0, file_index=0, episode_chunk=0, episode_index=0))
+        with av.open(video) as c:
+            assert c.streams.video[0].codec_context.name in ((want,) if want == 'h264' else ('av1', 'libdav1d'))
+        src = lerobot.Source(root)
+        assert src.version == version
+        assert src.camera == 'observation.image' and src.names == [f'episode_{i:06d}' for i in range(9)]
+        frames = []
+        for k, ref in enumerate(eps):
+            ep = src.load(k)
+            frames.append(ep['frames'])
+            assert np.array_equal(ep['actions'], ref['actions']) and np.array_equal(ep['states'], ref['states'])
+            assert ep['frames'].shape == ref['frames'].shape and ep['frames'].dtype == np.uint8
+            # every frame, the first and last of each episode included, is its own (yuv420p: chroma at half size)
+            worst = min(_psnr(f, g) for f, g in zip(ep['frames'], ref['frames']))
+            assert worst > 25, (root, k, worst)
+        again = lerobot.Source(root)  # out of order: v3.0 seeks into a file (episode 3 starts at 1.2 s) and back
+        assert all(np.array_equal(again.load(k)['frames'], frames[k]) for k in (3, 2, 8, 0))
+        # a stride keeps every 2nd frame and state; an action is the mean of the two it spans
+        ep, ref = lerobot.Source(root, stride=2).load(2), eps[2]  # 12 frames -> 6
+        assert ep['frames'].shape[0] == 6 and np.array_equal(ep['states'], ref['states'][::2])
+        assert np.allclose(ep['actions'], ref['actions'][:10].reshape(5, 2, 2).mean(1))
+
+
+def test_lerobot_tasks_come_back_from_the_index(lerobot_sets):
+    """LeRobot v3.0 reads meta/tasks.parquet with pandas and takes each task's string from the table's index."""
+    pd = pytest.importorskip('pandas')
+    tasks = pd.read_parquet(os.path.join(lerobot_sets[1], 'meta', 'tasks.parquet'))
+    assert tasks.index.tolist() == ['push the blocks'] and tasks.columns.tolist() == ['task_index']
+    assert tasks.iloc[0].name == 'push the blocks' and tasks.loc['push the blocks', 'task_index'] == 0
+
+
+@pytest.mark.slow
+def test_lerobot_images_in_parquet_read_back_and_train(tmp_path):
+    """LeRobot's use_videos=False: PNG frames in the data parquet (Hugging Face's Image struct), both layouts;
+    read back exactly (PNG is lossless), strided, and trained on."""
+    pytest.importorskip('pyarrow')
+    import lerobot
+    eps = [generate_episode(data.episode_seed(5, i), 8 + i, 16) for i in range(4)]
+    for version in ('v3.0', 'v2.1'):
+        root = str(tmp_path / version)
+        assert lerobot.write_dataset(root, iter(eps), version=version, videos=False) == 'png'
+        info = json.load(open(os.path.join(root, 'meta/info.json')))
+        assert info['features']['observation.image']['dtype'] == 'image' and not os.path.exists(os.path.join(root, 'videos'))
+        src = lerobot.Source(root)
+        for k in (2, 0, 3):
+            ep = src.load(k)
+            assert np.array_equal(ep['frames'], eps[k]['frames']) and np.array_equal(ep['actions'], eps[k]['actions'])
+        assert np.array_equal(lerobot.Source(root, stride=2).load(1)['frames'], eps[1]['frames'][::2])
+    out = str(tmp_path / 'run')
+    train(out, '--pretrain_steps=1', '--warmup_steps=1', '--joint_steps=1', '--eval_clips=0', data_dir=str(tmp_path / 'v3.0'))
+    assert ckpt(out)['step'] == 3
+
+
+@pytest.mark.slow
+def test_lerobot_train_and_eval(lerobot_sets, tmp_path):
+    """train.py on each layout (CoLA on v3.0, real actions on v2.1), eval.py's probe against the parquet actions."""
+    eps, v30, v21, _ = lerobot_sets
+    out = str(tmp_path / 'cola')
+    train(out, '--pretrain_steps=2', '--warmup_steps=2', '--joint_steps=1', '--eval_clips=0', data_dir=v30)
+    prepared = os.path.join(v30, '.prepared_16_observation.image')
+    assert ckpt(out)['config']['camera'] == '' and os.path.exists(os.path.join(prepared, 'index.json'))
+    s = data.ClipSampler(prepared, 4)
+    assert all(np.array_equal(s.get_episode(k)['actions'], eps[k]['actions']) for k in range(9))
+    r = run('eval.py', f'--ckpt={out}/ckpt.pt', *FAST, '--adapter_steps=5', '--adapter_episodes=3', '--n_episodes=4')
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert math.isfinite(res['probe_r2']) and len(res['probe_r2_per_dim']) == 2 and 'linear probe' in r.stdout
+    train(str(tmp_path / 'act'), '--mode=actions', '--actions_steps=2', '--eval_clips=0', data_dir=v21)
+    assert ckpt(str(tmp_path / 'act'))['step'] == 2
+
+
+@pytest.mark.slow
+def test_lerobot_bad_input_one_line_errors(lerobot_sets, tmp_path, monkeypatch):
+    import shutil
+    import lerobot
+    eps, v30, v21, _ = lerobot_sets
+    copy = lambda src, name: shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns('.prepared*'))
+    version = copy(v30, 'version')
+    info = json.load(open(version / 'meta/info.json'))
+    json.dump({**info, 'codebase_version': 'v9.9'}, open(version / 'meta/info.json', 'w'))
+    missing = copy(v21, 'missing')
+    os.remove(missing / 'videos/chunk-000/observation.image/episode_000003.mp4')
+    mismatch = copy(v21, 'mismatch')  # episode 0 (10 rows) gets episode 2's video (12 frames)
+    shutil.copy(mismatch / 'videos/chunk-000/observation.image/episode_000002.mp4',
+                mismatch / 'videos/chunk-000/observation.image/episode_000000.mp4')
+    cases = [([f'--data={version}'], "unknown codebase_version 'v9.9'"),
+             ([f'--data={v30}', '--camera=wrist'], '--camera=wrist is not a camera of'),
+             ([f'--data={missing}'], 'episode_000003.mp4: missing video'),
+             ([f'--data={mismatch}'], 'episode 0 has 12 frames in the video but 10 rows in')]
+    for flags, msg in cases:
+        r = train(str(tmp_path / 'o'), *flags, check=False)
+        last = r.stderr.strip().splitlines()[-1]  # after the progress bar of preparing, if it got that far
+        assert r.returncode == 2 and last.startswith('train.py: error: ') and msg in last, (flags, r.stderr[-500:])
+        assert 'Traceback' not in r.stderr, r.stderr
+    # --skip_bad: a bad episode is skipped with a warning naming it; an unreadable video as well
+    (mismatch / 'videos/chunk-000/observation.image/episode_000005.mp4').write_bytes(b'not a video')
+    with pytest.warns(UserWarning) as rec:
+        out = data.prepare(str(mismatch), str(tmp_path / 'p'), 16, skip_bad=True)
+    msgs = [str(w.message) for w in rec]
+    assert any('12 frames in the video' in m for m in msgs) and any('cannot read video' in m and 'episode_000005' in m for m in msgs)
+    kept = [e['source'] for e in json.load(open(os.path.join(out, 'index.json')))['episodes']]
+    assert kept == [f'episode_{i:06d}' for i in (1, 2, 3, 4, 6, 7, 8)]
+    # without pyarrow or av, one line says what to install
+    monkeypatch.setattr(lerobot.importlib, 'import_module', lambda name: (_ for _ in ()).throw(ImportError(name)))
+    with pytest.raises(ValueError, match='requirements-lerobot.txt'):
+        lerobot.Source(v30)
+
+
+# ----------------------------------------------------------------------------------------------------
+# sim.py
+
+def test_simulator_is_deterministic():
+    a, b, c = generate_episode(3, 12, 32), generate_episode(3, 12, 32), generate_episode(4, 12, 32)
+    for k in ('frames', 'actions', 'states'):
+        assert a[k].tobytes() == b[k].tobytes()
+    assert a['frames'].shape == (12, 32, 32, 3) and a['actions'].shape == (11, 2) and a['states'].shape == (12, 8)
+    assert not np.array_equal(a['frames'], c['frames'])
+    # Appearance is drawn after the layout, so dynamics do not depend on the resolution.
+    assert np.array_equal(a['states'], generate_episode(3, 12, 16)['states'])
+
+
+def test_actions_align_with_frames_and_state_round_trips():
+    ep = generate_episode(5, 16, 32, noise=0)
+    sim = PushSim(32, 5)
+    assert np.array_equal(sim.render(), ep['frames'][0])
+    for t in range(15):
+        sim.set_state(ep['states'][t])
+        assert np.array_equal(sim.render(), ep['frames'][t])
+        assert np.array_equal(sim.step(ep['actions'][t]), ep['frames'][t + 1])
+        assert np.array_equal(sim.get_state(), ep['states'][t + 1])
+    before = sim.get_state()
+    sim.step([0.0, 0.0])
+    assert np.array_equal(sim.get_state(), before)
+    sim.step([5.0, 0.0])  # clipped to 1: at most the world's speed
+    assert 0 < abs(sim.get_state()[0] - before[0]) <= sim.speed + 1e-6 or before[0] >= 1 - sim.r - 1e-6
+    # absent blocks are zeros
+    assert np.all(sim.get_state()[2 + 2 * sim.n_blocks:] == 0)
+
+
+def test_recorded_frames_carry_sensor_noise_only():
+    clean, noisy = generate_episode(5, 16, 32, noise=0), generate_episode(5, 16, 32)
+    diff = noisy['frames'].astype(float) - clean['frames']
+    assert abs(diff.std() - SENSOR_NOISE) < 0.2 and abs(diff.mean()) < 0.1
+    assert np.array_equal(noisy['states'], clean['states']) and np.array_equal(noisy['actions'], clean['actions'])
+
+
+def test_render_is_antialiased_and_subpixel_motion_shows():
+    sim = PushSim(32, 0)
+    s = sim.get_state()
+    a = sim.render().astype(float)
+    s[0] += 0.1 / 32  # a tenth of a pixel to the right
+    sim.set_state(s)
+    b = sim.render().astype(float)
+    assert 0 < np.abs(b - a).sum() and np.abs(b - a).max() < 60  # visible, and only as a partial-coverage change
+    assert len(np.unique(a.reshape(-1, 3), axis=0)) > 10  # edge pixels blend body and background
+
+
+def test_random_policy_is_iid_over_the_nine_moves():
+    acts = generate_episode(0, 400, 16, policy='random')['actions']
+    moves, counts = np.unique(acts, axis=0, return_counts=True)
+    assert len(moves) == 9 and set(np.unique(moves)) == {-1, 0, 1} and counts.min() > 20
+    assert abs(np.corrcoef(acts[:-1, 0], acts[1:, 0])[0, 1]) < 0.15  # no memory from step to step
+    with pytest.raises(ValueError, match='--policy'):
+        generate_episode(0, 4, 16, policy='nope')
+
+
+def test_pushing_moves_blocks_and_keeps_them_apart():
+    moved = 0
+    for seed in range(10):
+        st = generate_episode(seed, 32, 16)['states']
+        moved += np.abs(np.diff(st[:, 2:], axis=0)).max() > 0.02
+        sim = PushSim(16, seed)
+        for s in st:  # no two bodies overlap (bounding boxes), everything inside the walls
+            pos, half = s.reshape(-1, 2)[:1 + sim.n_blocks], np.array(sim.half)
+            assert np.all(pos - half[:, None] >= -1e-5) and np.all(pos + half[:, None] <= 1 + 1e-5)
+            for i in range(len(pos)):
+                for j in range(i + 1, len(pos)):
+                    assert np.max(np.abs(pos[i] - pos[j]) - half[i] - half[j]) >= -1e-5
+    assert moved >= 7
+
+
+def test_blocked_block_stops_the_agent():
+    sim = PushSim(32, 0)
+    sim.n_blocks, sim.half = 1, [sim.r, sim.h[0]]
+    wall = 1 - sim.h[0]
+    sim.set_state([wall - sim.h[0] - sim.r - 0.01, 0.5, wall, 0.5])  # block against the right wall
+    for _ in range(3):
+        sim.step([1, 0])
+    x, _, bx, _ = sim.get_state()[:4]
+    assert bx == pytest.approx(wall) and x == pytest.approx(wall - sim.h[0] - sim.r, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# pusht.py
+
+@pytest.mark.slow
+@needs_pusht
+def test_pusht_recording_aligns_frames_and_actions(tmp_path):
+    ep = pusht.generate_pusht_episode(3, T=12, noise=0)
+    assert ep['frames'].shape == (12, 64, 64, 3) and ep['actions'].shape == (11, 2) and ep['states'].shape == (12, 10)
+    # smooth exploration: the agent never jumps (<= ~3 px of 64 per step; uniform random targets move it ~30)
+    assert np.abs(np.diff(ep['states'][:, :2], axis=0)).max() < 40 and np.abs(ep['actions']).max() <= 1
+    sim = pusht.PushT(seed=3)
+    assert np.array_equal(sim.render(), ep['frames'][0])
+    for t, a in enumerate(ep['actions']):  # frame t+1 is the env's render after actions[t]
+        assert np.array_equal(sim.step(a), ep['frames'][t + 1]), t
+    # set_state(get_state()) resumes the trajectory (the oracle planner relies on it)
+    s, after = sim.get_state(), [sim.step(a) for a in ep['actions'][:3]]
+    sim.set_state(s)
+    assert max(np.abs(sim.step(a).astype(int) - f).mean() for a, f in zip(ep['actions'][:3], after)) < 0.5
+    # the CLI writes the same episodes; data.py itself does not import gym_pusht
+    r = run('data.py', '--env=pusht', f'--out_dir={tmp_path}', '--episodes=2', '--T=6', '--seed=0')
+    assert r.returncode == 0, r.stderr[-3000:]
+    with np.load(tmp_path / 'ep_000001.npz') as z:
+        assert np.array_equal(z['frames'], pusht.generate_pusht_episode(1, T=6)['frames'])
+    loaded = subprocess.run([sys.executable, '-c', 'import sys, data; print(*sys.modules)'], cwd=HERE, capture_output=True,
+                            text=True).stdout.split()
+    assert 'data' in loaded and 'gym_pusht' not in loaded and 'pymunk' not in loaded
+
+
+# ----------------------------------------------------------------------------------------------------
+# state_probe.py
+
+def test_state_probe_readout_finds_objects_in_any_order():
+    states = torch.tensor([[0.5, 0.5, 0.2, 0.3, 0.8, 0.7, 0.0, 0.0]])  # agent, two blocks, an absent third
+    heat = state_probe.object_maps(states, 8, 32)  # what a perfect probe draws
+    d = state_probe.object_distances(heat, states)
+    assert d['agent'].item() < 0.005 and d['blocks'].item() < 0.005  # sub-pixel: a pixel is 0.031 wide
+    swapped = states[:, [0, 1, 4, 5, 2, 3, 6, 7]]
+    assert state_probe.object_distances(heat, swapped)['blocks'].item() < 0.005  # the blocks' order does not matter
+    moved = states.clone()
+    moved[0, 0] += 0.1  # the agent drawn 0.1 to the right, and the second block gone from the frame
+    moved[0, 4:6] = 0
+    d = state_probe.object_distances(state_probe.object_maps(moved, 8, 32), states)
+    assert d['agent'].item() == pytest.approx(0.1, abs=0.005) and d['blocks'].item() == pytest.approx(0.25, abs=0.005)
+    assert state_probe.state_layout(8)[1] == [(2, 3), (4, 5), (6, 7)] and state_probe.state_layout(10)[1] == [(2, 3)]  # PushT: the T
+
+
+@pytest.mark.slow
+def test_state_probe_learns_positions_and_is_cached(tmp_path):
+    """The probe fits object positions on its training frames (its held-out error on the built-in data is in
+    the README) and is cached beside the data, so every checkpoint is measured by the same instrument."""
+    d = data.prepare_from_sim(str(tmp_path / 'p'), episodes=12, T=12, res=16)
+    sampler = data.ClipSampler(d, 4, 'val')
+    probe = state_probe.load_state_probe(sampler, steps=400)
+    assert os.path.isfile(os.path.join(d, 'state_probe.pt'))
+    eps = [sampler.get_episode(i) for i in sampler.episodes('train')]
+    frames = data.to_model(torch.from_numpy(np.stack([e['frames'] for e in eps])))
+    states = torch.from_numpy(np.stack([e['states'] for e in eps]))
+    err = state_probe.state_errors(probe, frames, states)
+    mean_pos = states[..., :2].flatten(0, 1).mean(0)  # always guessing the mean position
+    assert err['agent'].mean() < 0.5 * (states[..., :2] - mean_pos).norm(dim=-1).mean()
+    again = state_probe.state_errors(state_probe.load_state_probe(sampler), frames, states)  # loaded from the cache
+    assert torch.equal(again['agent'], err['agent'])
+
+
+# ----------------------------------------------------------------------------------------------------
 # experiments.py: the whole runner at toy size, then its resume
 
 @pytest.mark.slow
@@ -1582,3 +1637,21 @@ def test_tuple_settings_take_comma_lists():
     assert parse_value('presets', 'base', ('cpu', 'base')) == ('base',)
     assert parse_value('presets', 'cpu, base', ('cpu', 'base')) == ('cpu', 'base')
     assert parse_value('fsq_levels', '8,4', (8, 4)) == (8, 4) and parse_value('fsq_levels', '5', (8, 4)) == (5,)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('program', ['train.py', 'eval.py', 'sample.py', 'plan.py', 'bench.py', 'experiments.py'])
+def test_help_lists_every_setting_with_its_default_and_comment(program):
+    """--help and -h print the docstring and the settings block as the file writes it, and exit 0: every flag
+    that the program accepts is there, with its default."""
+    helped = run(program, '--help')
+    assert helped.returncode == 0 and helped.stderr == '', helped.stderr[-500:]
+    valid = run(program, '--no_such_flag=1').stderr.split('valid flags: ')[1].split()
+    src = open(os.path.join(HERE, program)).read()
+    for flag in valid:
+        line = next(l for l in helped.stdout.splitlines() if l.startswith(f'{flag[2:]} = '))
+        assert line in src.splitlines()  # the file's own line: default and comment
+    assert src.split('"""')[1].strip().splitlines()[0] in helped.stdout  # the docstring's first line
+    if program == 'train.py':
+        assert run(program, '-h').stdout == helped.stdout
+        assert "lr = 1e-3               # peak learning rate" in helped.stdout
