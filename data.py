@@ -181,7 +181,9 @@ def _pack(out_dir, res, episodes, shard_frames, src, src_files=None):
         for f in filter(stale, os.listdir(out_dir)):
             os.remove(os.path.join(out_dir, f))
         if isinstance(e, OSError) and e.strerror:  # a full disk: the folder and the cause, in one line
-            raise OSError(e.errno, f"cannot prepare {out_dir}: {e.strerror}") from None
+            err = OSError(f"cannot prepare {out_dir}: {e.strerror}")
+            err.errno = e.errno
+            raise err from None
         raise
     return out_dir
 

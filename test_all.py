@@ -1172,8 +1172,9 @@ def test_a_full_disk_while_preparing_names_the_folder_and_leaves_nothing(tmp_pat
         _write_npz(tmp_path, f'e{i}.npz', 8, seed=i)
     monkeypatch.setattr(data, 'open', lambda path, mode='r': FullDisk(path, mode, 5000), raising=False)
     out = str(tmp_path / 'p')
-    with pytest.raises(OSError, match=f'^\\[Errno 28\\] cannot prepare {re.escape(out)}: No space left on device$'):
+    with pytest.raises(OSError, match=f'^cannot prepare {re.escape(out)}: No space left on device$') as e:
         data.prepare(str(tmp_path), out, 16)
+    assert e.value.errno == errno.ENOSPC
     assert os.listdir(out) == []  # no shard, no index: the next run prepares it anew
 
 
