@@ -1,11 +1,12 @@
 """
-Command-line configuration in the nanoGPT manner, for train.py, sample.py, eval.py, plan.py and bench.py.
+Command-line configuration in the nanoGPT manner, for every program here (train.py, eval.py, sample.py, ...).
 
 A program keeps its settings as plain module-level values and calls `configure(globals(), sys.argv[1:])`:
   python train.py config/gpu.py --batch_size=32 --mode two_stage
 A `*.py` argument is executed first (it may set any of the values), then every `--key=value` or
 `--key value` overrides one value. Values are parsed as Python literals when they look like one and
-must keep the default's type; an unknown key is an error that lists the valid ones. `--help` (or `-h`)
+must keep the default's type; an unknown key is an error that lists the valid ones; a program's RENAMED
+maps old setting names to new ones, so that old command lines keep working. `--help` (or `-h`)
 prints the program's docstring and its settings block as written (every default and comment), so the
 help is the code. `check` refuses out-of-range values in one line before the program does any work.
 """
@@ -90,6 +91,7 @@ def configure(settings, argv):
     if '--help' in argv or '-h' in argv:
         print_help(settings, keys)
         sys.exit(0)
+    renamed = settings.get('RENAMED', {})  # old name -> new: old command lines and config files keep working
     i = 0
     while i < len(argv):
         arg = argv[i]
@@ -101,11 +103,13 @@ def configure(settings, argv):
             for k, v in scope.items():
                 if k.startswith('_') or isinstance(v, types.ModuleType):
                     continue
+                k = renamed.get(k, k)
                 if k not in keys:
                     fail(f"{arg} sets unknown setting {k!r}; valid: {', '.join(sorted(keys))}")
                 settings[k] = v
         else:
             key, eq, raw = arg[2:].partition('=')
+            key = renamed.get(key, key)
             if not eq:
                 if i + 1 >= len(argv) or argv[i + 1].startswith('--'):
                     if isinstance(settings.get(key), bool):

@@ -40,7 +40,7 @@ camera = ''             # LeRobot --data: the camera (video or image feature); '
 frame_stride = 0        # LeRobot --data: keep every Nth frame; 0 = the checkpoint's
 n_clips = 16            # held-out clips for video simulation
 horizon = 10            # generated frames per clip, after the n_context given ones
-sample_steps = 2        # Euler steps per window (measured: 1-2 steps beat 10 at CPU scale; NOTES.md)
+euler_steps = 2         # Euler steps per window of the rollouts (sampling from noise to a frame)
 cfg_scale = 1.0         # classifier-free guidance scale (4.0 cost 3 dB with true actions; NOTES.md)
 n_episodes = 48         # at most this many episodes of each split for the probe and codebook health
 probe_ridge = 1e-3      # ridge penalty, relative to the mean eigenvalue of the latents' Gram matrix
@@ -49,6 +49,7 @@ adapter_steps = 500     # full-batch Adam steps of the adapter
 state_probe_steps = 2400  # training steps of the data's state probe (cached beside the data); 0 = no state probe
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
+RENAMED = {'sample_steps': 'euler_steps'}  # old flags that still work
 configure(globals(), sys.argv[1:])
 # ----------------------------------------------------------------------------------------------------
 
@@ -170,10 +171,10 @@ def report(prefix, gen):
 
 
 print(f"video simulation: {n_clips} held-out clips, {nc} context + {horizon} generated frames, "
-      f"{sample_steps} Euler steps, guidance {cfg_scale}")
+      f"{euler_steps} Euler steps, guidance {cfg_scale}")
 # Every condition is rolled out by its own call with the same seed: the clips share their sampling noise
 # across conditions (common random numbers), so "PSNR - null" is exactly 0 for a model that ignores actions.
-simulate = lambda z: model.simulate(clips, z, sample_steps, cfg_scale, seed)
+simulate = lambda z: model.simulate(clips, z, euler_steps, cfg_scale, seed)
 z = model.drive(clips, batch['actions'])  # the IDM's latent actions, or the clips' real ones (n_clips, L-1, n_tok, d)
 out.update(report('', simulate(z)))
 # The shuffle control: each clip driven by its own latent actions in another order in time. What the rollout

@@ -57,7 +57,7 @@ noise_std = 0.5         # std of the sampled action perturbations (actions live 
 smoothing = 0.8         # correlation of consecutive perturbations (0 = white noise)
 temperature = 0.1       # MPPI: softmax temperature, in units of the samples' cost std
 elite_frac = 0.1        # CEM: fraction of samples the Gaussian is refit to
-sample_steps = 1        # Euler steps per world-model window; eval.py's 2 would double the time of a plan
+euler_steps = 1         # Euler steps per world-model window; eval.py's 2 would double the time of a plan
 cfg_scale = 1.0         # classifier-free guidance (!= 1 doubles the batch)
 adapter_episodes = 32   # labelled training episodes the adapter learns from
 adapter_steps = 500     # full-batch Adam steps of the adapter
@@ -65,6 +65,7 @@ n_gifs = 2              # GIFs per family (ours, seed 0)
 out_dir = 'plans'
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
+RENAMED = {'sample_steps': 'euler_steps'}  # old flags that still work
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -119,7 +120,7 @@ class Planner:
 # ----------------------------------------------------------------------------------------------------
 # models: the world model (ours) and the environment itself (oracle), each a cost over action sequences
 
-def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=1.0, gen=None):
+def world_model_cost(model, adapter, obs, done, goal, euler_steps=2, cfg_scale=1.0, gen=None):
     """The cost of action sequences under the world model, from the observed frames obs (list of (R, R, 3)
     uint8, last n_context used; done: the real actions between them, (len(obs) - 1, A)) to the goal frame
     (R, R, 3). With an adapter, the observed transitions keep the IDM's own latent actions and the planned
@@ -139,7 +140,7 @@ def world_model_cost(model, adapter, obs, done, goal, sample_steps=2, cfg_scale=
     def cost(a):
         z_plan = encode(a.to(dev))  # (N, H, n_tok, d)
         z = torch.cat([z_ctx.expand(len(a), -1, -1, -1), z_plan], 1)  # (N, nc-1+H, n_tok, d)
-        frames = model.simulate(ctx.expand(len(a), -1, -1, -1, -1), z, sample_steps, cfg_scale, generator=gen)[:, nc:]
+        frames = model.simulate(ctx.expand(len(a), -1, -1, -1, -1), z, euler_steps, cfg_scale, generator=gen)[:, nc:]
         return (frames - goal_x).square().mean((1, 2, 3, 4)).cpu(), frames
     return cost
 
@@ -300,14 +301,14 @@ def main():
     os.makedirs(out_dir, exist_ok=True)
     print(f"{ckpt} ({settings['mode']}), {res}x{res}: {method}, {n_samples} samples x {n_iters} iterations, "
           f"horizon {horizon}, {exec_steps} actions per plan, {max_steps} steps per task, world model "
-          f"{sample_steps} Euler steps, guidance {cfg_scale}")
+          f"{euler_steps} Euler steps, guidance {cfg_scale}")
     runs, gifs = defaultdict(list), []
     for family, k, s, name in itertools.product(families, range(n_tasks), range(n_seeds), names):
         task, run_seed = make(family, k, res, task_horizon), int(np.random.default_rng([seed, k, s]).integers(2 ** 31))
         planner = None if name == 'random' else Planner(method, horizon, ACTION_DIM, n_samples, n_iters, noise_std,
                                                         smoothing, temperature, elite_frac, run_seed)
         gen = torch.Generator(dev).manual_seed(run_seed)
-        make_cost = (lambda o, d, g: world_model_cost(model, adapter, o, d, g, sample_steps, cfg_scale, gen)) \
+        make_cost = (lambda o, d, g: world_model_cost(model, adapter, o, d, g, euler_steps, cfg_scale, gen)) \
             if name == 'ours' else (lambda o, d, g: simulator_cost(task.sim, g))
         r, obs, pred, times = run_episode(task, planner, make_cost, max_steps, exec_steps, nc,
                                           np.random.default_rng(run_seed))
@@ -320,7 +321,7 @@ def main():
             write_gif(gifs[-1], np.stack([obs, np.stack(pred), np.broadcast_to(task.goal, obs.shape)])[None], fps=3,
                       n_context=1)
     out = dict(ckpt=ckpt, method=method, n_samples=n_samples, horizon=horizon, n_iters=n_iters, exec_steps=exec_steps,
-               max_steps=max_steps, n_tasks=n_tasks, n_seeds=n_seeds, sample_steps=sample_steps, cfg_scale=cfg_scale)
+               max_steps=max_steps, n_tasks=n_tasks, n_seeds=n_seeds, euler_steps=euler_steps, cfg_scale=cfg_scale)
     print(f"over {n_tasks} tasks x {n_seeds} seeds (dist: to the goal at the end, world units; coverage: PushT's)")
     for (family, name), rs in runs.items():
         key, score = f'{family}_{name}', 'coverage' if family == 'pusht' else 'dist'

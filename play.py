@@ -38,13 +38,14 @@ port = 8000             # the page's port, on localhost only
 keys = ''               # headless: comma-separated keys (up, down, left, right, w, a, s, d, 0-9, e, r) -> out
 out = 'play.gif'        # headless: generated | truth, one GIF frame per key
 speed = 1.0             # the size of a key's real action, in the data's action units ([-1, 1] in the simulator)
-sample_steps = 2        # Euler steps per frame (as eval.py)
+euler_steps = 2         # Euler steps per frame (as eval.py)
 cfg_scale = 1.0
 adapter_episodes = 32   # labelled training episodes the adapter learns from (as plan.py)
 adapter_steps = 500
 scale = 8               # page and GIF pixels per frame pixel
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
+RENAMED = {'sample_steps': 'euler_steps'}  # old flags that still work
 # ----------------------------------------------------------------------------------------------------
 
 MOVES = {'up': (0, -1), 'down': (0, 1), 'left': (-1, 0), 'right': (1, 0), 'w': (0, -1), 's': (0, 1), 'a': (-1, 0),
@@ -99,7 +100,7 @@ class Session:
         self.on_episode &= key == 'e'
         ctx = torch.stack(self.frames[-self.nc:], 1)  # (1, nc, 3, H, W)
         zw = torch.stack(self.z[len(self.z) - self.nc + 1:] + [z], 1)  # the context's transitions, then the new one
-        new = sample(self.model.wm, self.model.action, ctx, zw, self.nc + 1, sample_steps, cfg_scale, self.generator)
+        new = sample(self.model.wm, self.model.action, ctx, zw, self.nc + 1, euler_steps, cfg_scale, self.generator)
         self.frames.append(new[:, 0].clamp(-1, 1))
         self.z.append(z)
         return said

@@ -41,13 +41,14 @@ out_dir = 'samples'
 n_clips = 4             # held-out clips (one rollout GIF each; at least 2 for the transfer GIF)
 horizon = 22            # generated frames per clip, after the n_context given ones
 tour_steps = 4          # frames each code is played for in the codebook tour
-sample_steps = 2        # Euler steps per window (as eval.py)
+euler_steps = 2         # Euler steps per window (as eval.py)
 cfg_scale = 1.0         # classifier-free guidance scale (as eval.py)
 state_probe_steps = 2400  # the data's state probe (as eval.py; cached beside the data); 0 = none
 fps = 5
 scale = 2               # GIF pixels per frame pixel
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
+RENAMED = {'sample_steps': 'euler_steps'}  # old flags that still work
 configure(globals(), sys.argv[1:])
 # ----------------------------------------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ real = model.real_actions  # a world model trained on the data's real actions
 if real and batch['actions'] is None:
     fail(f"{ckpt} was trained on real actions (--mode=actions); {sampler.dir} has none")
 z = model.drive(clips, batch['actions'])  # the IDM's latent actions, or the clips' real ones (n_clips, L-1, n_tok, d)
-gen = model.simulate(clips, z, sample_steps, cfg_scale, seed)
+gen = model.simulate(clips, z, euler_steps, cfg_scale, seed)
 copy = measure.copy_last(clips, nc)
 p, s = measure.scores(gen, clips, nc)
 p_copy, s_copy = measure.scores(copy, clips, nc)
@@ -102,7 +103,7 @@ for k in range(n_clips):
 # action transfer: clip k's latent actions drive the first frames of clip k+1
 if n_clips >= 2:
     target = torch.arange(1, n_clips + 1) % n_clips
-    moved = to_uint8(model.simulate(clips[target], z, sample_steps, cfg_scale, seed))
+    moved = to_uint8(model.simulate(clips[target], z, euler_steps, cfg_scale, seed))
     gif('transfer.gif', np.stack([truth, truth[target.numpy()], moved], 1))
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,7 +115,7 @@ else:
     n_tok = z.shape[2]
     z_tour = torch.cat([z[:1, :nc - 1].expand(len(codebook), -1, -1, -1),
                         codebook[:, None, None].expand(-1, tour_steps, n_tok, -1)], 1)  # (size, nc-1+tour_steps, n_tok, d)
-    tour = model.simulate(clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour, sample_steps, cfg_scale, seed)
+    tour = model.simulate(clips[:1, :nc].expand(len(codebook), -1, -1, -1, -1), z_tour, euler_steps, cfg_scale, seed)
     cols = math.ceil(math.sqrt(len(codebook)))
     rows = math.ceil(len(codebook) / cols)
     cells = np.zeros((rows * cols,) + tour.shape[1:2] + truth.shape[2:], np.uint8)  # empty cells stay black

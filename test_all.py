@@ -88,9 +88,9 @@ def _psnr(a, b):
 
 
 TINY_TRAIN = ['--res=16', '--patch=4', '--width=32', '--depth=1', '--n_heads=2', '--act_width=32', '--act_depth=1',
-              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_warmup=1',
-              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--sample_steps=2']
-FAST = ['--horizon=6', '--n_clips=2', '--sample_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
+              '--n_frames=4', '--action_dim=8', '--quantizer=vq', '--codebook_size=8', '--batch_size=2', '--lr_ramp=1',
+              '--log_interval=1', '--eval_clips=2', '--eval_len=6', '--euler_steps=2']
+FAST = ['--horizon=6', '--n_clips=2', '--euler_steps=2', '--state_probe_steps=30']  # 2 context + 6 generated frames
 
 
 def run(program, *flags, torchrun=0):
@@ -777,7 +777,7 @@ def test_init_from_takes_only_the_world_model(tiny_data, pretrained, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_data, pretrained, tmp_path):
     out = str(tmp_path)
     r = train(out, f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=20', '--joint_steps=0', '--lr=1e30',
-              '--grad_clip=1e30', '--lr_warmup=0', '--ckpt_interval=1', data_dir=tiny_data, check=False)
+              '--grad_clip=1e30', '--lr_ramp=0', '--ckpt_interval=1', data_dir=tiny_data, check=False)
     assert r.returncode == 1 and 'non-finite loss' in r.stderr
     last = ckpt(out)
     assert last['step'] < 20 and all(torch.isfinite(v).all() for v in last['lam'].values())
@@ -1030,7 +1030,7 @@ def test_pusht_task_goal_is_the_envs_goal_pose():
 def test_plan_prints_json_and_writes_gifs(tiny_ckpt, tmp_path):
     tasks = 'reach,push,pusht' if HAVE_PUSHT else 'reach,push'
     r = run('plan.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', f'--tasks={tasks}', '--n_tasks=1',
-            '--n_samples=8', '--horizon=4', '--exec_steps=2', '--max_steps=4', '--sample_steps=2',
+            '--n_samples=8', '--horizon=4', '--exec_steps=2', '--max_steps=4', '--euler_steps=2',
             '--adapter_steps=20', '--adapter_episodes=3', '--n_gifs=1', '--device=cpu')
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -1640,8 +1640,18 @@ def test_tuple_settings_take_comma_lists():
     assert parse_value('fsq_levels', '8,4', (8, 4)) == (8, 4) and parse_value('fsq_levels', '5', (8, 4)) == (5,)
 
 
+def test_renamed_settings_keep_their_old_flags(tmp_path):
+    """A program's RENAMED maps old names to new ones, on the command line and in config files; the settings
+    returned (what a checkpoint saves) carry the new names only; a constant (CAPITALISED) is no setting."""
+    from configurator import configure
+    (tmp_path / 'old.py').write_text('lr_warmup = 7\n')
+    settings = dict(euler_steps=2, lr_ramp=50, TOL=0.05, RENAMED={'sample_steps': 'euler_steps', 'lr_warmup': 'lr_ramp'})
+    config = configure(settings, [str(tmp_path / 'old.py'), '--sample_steps=3'])
+    assert config == dict(euler_steps=3, lr_ramp=7)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize('program', ['train.py', 'eval.py', 'sample.py', 'plan.py', 'bench.py', 'experiments.py'])
+@pytest.mark.parametrize('program', ['train.py', 'eval.py', 'sample.py', 'plan.py', 'play.py', 'bench.py', 'experiments.py'])
 def test_help_lists_every_setting_with_its_default_and_comment(program):
     """--help and -h print the docstring and the settings block as the file writes it, and exit 0: every flag
     that the program accepts is there, with its default."""

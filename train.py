@@ -91,7 +91,7 @@ optimizer = 'adamw'     # 'adamw' | 'muon': Muon on the hidden weight matrices, 
 lr = 1e-3               # peak learning rate
 actions_lr = 2e-3       # peak learning rate of --mode=actions
 min_lr = 1e-4
-lr_warmup = 50          # steps of the linear LR ramp at the start of every phase (the paper's warm-up: warmup_steps)
+lr_ramp = 50            # steps of the linear LR ramp at the start of every phase (the paper's warm-up: warmup_steps)
 lr_schedule = 'cosine'  # 'cosine' (to min_lr) | 'wsd' (warmup-stable-decay: constant, then linear to 0)
 cooldown = 0.2          # wsd: the fraction of each phase that cools down
 weight_decay = 0.0
@@ -100,12 +100,13 @@ ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
 # end-of-run summary on held-out episodes
 eval_clips = 16
 eval_len = 12
-sample_steps = 2        # Euler steps per window of the summary's rollouts (as eval.py)
+euler_steps = 2         # Euler steps per window of the summary's rollouts (as eval.py)
 cfg_scale = 1.0
 # system
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
 compile = False
+RENAMED = {'lr_warmup': 'lr_ramp', 'sample_steps': 'euler_steps'}  # old flags that still work
 config = configure(globals(), sys.argv[1:])
 # ----------------------------------------------------------------------------------------------------
 
@@ -122,9 +123,9 @@ MODES = {'pretrain': [('pretrain', pretrain_steps)],
          'actions': [('wm', actions_steps)]}
 # bad settings stop here, in one line, before any data is prepared (the model's sizes: cola.model_configs)
 check(config, positive=('batch_size', 'grad_accum', 'lr', 'actions_lr', 'log_interval', 'ckpt_interval', 'eval_len',
-                        'sample_steps', 'grad_clip'),
+                        'euler_steps', 'grad_clip'),
       non_negative=('pretrain_steps', 'warmup_steps', 'joint_steps', 'lam_steps', 'lam_init_steps', 'wm_steps',
-                    'actions_steps', 'stop_at', 'lr_warmup', 'min_lr', 'weight_decay', 'eval_clips', 'motion_weight',
+                    'actions_steps', 'stop_at', 'lr_ramp', 'min_lr', 'weight_decay', 'eval_clips', 'motion_weight',
                     'frame_stride'),
       fraction=('cond_drop', 'cooldown'),
       choices=dict(mode=tuple(MODES), optimizer=('adamw', 'muon'), lr_schedule=('cosine', 'wsd')))
@@ -239,11 +240,11 @@ def lr_at(i, n):
     """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr, or (wsd) constant and a
     linear cool-down to 0 over the last `cooldown` of the phase."""
     peak = actions_lr if mode == 'actions' else lr
-    if i < lr_warmup:
-        return peak * (i + 1) / lr_warmup
+    if i < lr_ramp:
+        return peak * (i + 1) / lr_ramp
     if lr_schedule == 'wsd':
         return peak * min(1.0, (n - i) / max(1.0, cooldown * n))
-    return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_warmup) / max(1, n - lr_warmup))) * (peak - min_lr)
+    return min_lr + 0.5 * (1 + math.cos(math.pi * (i - lr_ramp) / max(1, n - lr_ramp))) * (peak - min_lr)
 
 
 def p_relax_at(i):
@@ -314,7 +315,7 @@ def summary():
     except ValueError as e:
         print(f"no summary: {e}")
         return
-    r = measure.rollout_psnr(model, clips['frames'], null=(mode == 'pretrain'), n_steps=sample_steps,
+    r = measure.rollout_psnr(model, clips['frames'], null=(mode == 'pretrain'), n_steps=euler_steps,
                              cfg_scale=cfg_scale, seed=seed, actions=clips['actions'])
     stats, health = measure.codebook_health(r['codes'], model.lam.quantizer.size)
     mean = lambda xs: sum(xs) / len(xs)
