@@ -239,7 +239,7 @@ def start_phase(phase, old_opts=None):
 def lr_at(i, n):
     """Learning rate at step i of an n-step phase: linear warm-up, then cosine to min_lr, or (wsd) constant and a
     linear cool-down to 0 over the last `cooldown` of the phase."""
-    peak = actions_lr if mode == 'actions' else lr
+    peak = actions_lr if model.real_actions else lr
     if i < lr_ramp:
         return peak * (i + 1) / lr_ramp
     if lr_schedule == 'wsd':
