@@ -1,6 +1,6 @@
 """
 Throughput: the built-in simulator and the clip sampler, then the CoLA joint step (IDM -> quantizer ->
-action encoder -> video DiT, flow loss, backward, AdamW) at the CPU default and the GPU "base" preset.
+action encoder -> video DiT, flow loss, backward, AdamW or `--optimizer=muon`) at the CPU default and the GPU "base" preset.
 
   python bench.py                      # everything on the default device
   python bench.py --presets=cpu --steps=20
@@ -32,6 +32,7 @@ presets = ('cpu', 'base')
 batch_size = 16           # clips per step at the cpu preset
 base_batch_size = 0       # clips per step at the base preset; 0 = 1 on CPU, 16 on CUDA
 steps = 10                # timed steps (after 2 warm-up steps)
+optimizer = 'adamw'       # 'adamw' | 'muon' (Muon on the hidden matrices: train.py's --optimizer)
 device = ''
 peak_tflops = 989.0       # H100/H200 SXM bf16 dense
 seed = 0
@@ -61,7 +62,7 @@ def cola_step(model, x):
     """One joint-phase step of the model's own loss and optimizer (CoLAWorld.forward, configure_optimizers),
     as train.py runs it, soft-to-hard quantization on."""
     model.set_phase('joint')
-    opts, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda)
+    opts, params = model.configure_optimizers('joint', lr=1e-4, fused=cuda, muon=optimizer == 'muon')
 
     def step():
         with autocast:
