@@ -1,6 +1,7 @@
 """
 Throughput: the built-in simulator and the clip sampler, then the CoLA joint step (IDM -> quantizer ->
-action encoder -> video DiT, flow loss, backward, AdamW or `--optimizer=muon`) at the CPU default and the GPU "base" preset.
+action encoder -> video DiT, flow loss, backward, AdamW or `--optimizer=muon`) at the CPU default and the GPU
+"base" preset.
 
   python bench.py                      # everything on the default device
   python bench.py --presets=cpu --steps=20
