@@ -35,15 +35,15 @@ def model_configs(s):
     fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames,
                  patch=s.get('idm_patch') or wm_cfg.patch)  # the LAM's own patch, finer for small agents
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
-    for cfg, keys in ((wm_cfg, ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width', 'n_action_tokens',
-                                'action_dim')), (lam_cfg, ('patch', 'idm_depth', 'codebook_size'))):
-        for k in keys:
-            if not getattr(cfg, k) > 0:
-                raise ValueError(f"--{'idm_patch' if cfg is lam_cfg and k == 'patch' else k} must be positive, "
-                                 f"got {getattr(cfg, k)}")
-    for flag, p in (('patch', wm_cfg.patch), ('idm_patch', lam_cfg.patch)):
-        if wm_cfg.res % p:
-            raise ValueError(f"--res={wm_cfg.res} must be divisible by --{flag}={p}")
+    flags = {**{k: getattr(wm_cfg, k) for k in ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width',
+                                                'n_action_tokens', 'action_dim')},
+             'idm_patch': lam_cfg.patch, 'idm_depth': lam_cfg.idm_depth, 'codebook_size': lam_cfg.codebook_size}
+    for flag, v in flags.items():
+        if not v > 0:
+            raise ValueError(f"--{flag} must be positive, got {v}")
+    for flag in ('patch', 'idm_patch'):
+        if wm_cfg.res % flags[flag]:
+            raise ValueError(f"--res={wm_cfg.res} must be divisible by --{flag}={flags[flag]}")
     if wm_cfg.width % wm_cfg.n_heads:
         raise ValueError(f"--width={wm_cfg.width} must be divisible by --n_heads={wm_cfg.n_heads}")
     if lam_cfg.quantizer not in ('vq', 'fsq', 'none'):
@@ -184,17 +184,15 @@ class CoLAWorld(nn.Module):
         parameters that train). The state of parameters that `old` (the previous phase's optimizers) already
         trained is carried over, so warm-up -> joint does not reset the LAM's."""
         named = [(f'{m}.{n}', p) for m in self.PHASES[phase] for n, p in getattr(self, m).named_parameters()]
-        params = [p for _, p in named]
-        hidden = [p for n, p in named if muon and is_hidden_matrix(n, p)]
-        rest = [p for n, p in named if not (muon and is_hidden_matrix(n, p))]
+        params, hidden, rest = [p for _, p in named], [], []
+        for n, p in named:
+            (hidden if muon and is_hidden_matrix(n, p) else rest).append(p)
         opts = [torch.optim.AdamW(rest, lr=lr, betas=(0.9, 0.99), weight_decay=weight_decay, fused=fused)]
         if hidden:  # Muon's update is scaled to AdamW's RMS, so one learning rate serves both
             opts.append(Muon(hidden, lr=lr, weight_decay=weight_decay))
-        for o_new in opts:
-            for p in o_new.param_groups[0]['params']:
-                for o_old in old or []:
-                    if p in o_old.state and type(o_old) is type(o_new):
-                        o_new.state[p] = o_old.state[p]
+        for new in opts:  # a parameter keeps its state where the same kind of optimizer trained it before
+            for prev in (o for o in old or [] if type(o) is type(new)):
+                new.state.update({p: prev.state[p] for p in new.param_groups[0]['params'] if p in prev.state})
         return opts, params
 
     @torch.inference_mode()

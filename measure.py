@@ -94,9 +94,11 @@ def rollout_psnr(model, clips, null=False, n_steps=2, cfg_scale=1.0, seed=0, act
     Returns per-step PSNR lists (length L - n_context) for the model and for copy-last-frame, the frames,
     and the codes (None without latent actions)."""
     nc, z, codes = model.wm.cfg.n_context, None, None
-    if not null:
+    if not null and model.real_actions:
         z = model.drive(clips, actions)
-        codes = None if model.real_actions else model.latent_actions(clips)['codes']
+    elif not null:  # the IDM once, for the latents and their codes
+        acts = model.latent_actions(clips)
+        z, codes = acts['z'], acts['codes']
     gen = model.simulate(clips, z, n_steps, cfg_scale, seed)
     return dict(psnr=psnr(gen[:, nc:], clips[:, nc:]).mean(0).tolist(),
                 psnr_copy=psnr(copy_last(clips, nc)[:, nc:], clips[:, nc:]).mean(0).tolist(),
