@@ -1,6 +1,6 @@
 """
 Throughput: the built-in simulator and the clip sampler, then the CoLA joint step (IDM -> quantizer ->
-action encoder -> video DiT, flow loss, backward, AdamW or `--optimizer=muon`) at the CPU default and the GPU
+action encoder -> video DiT, flow loss, backward, Muon + AdamW, or `--optimizer=adamw`) at the CPU default and the GPU
 "base" preset.
 
   python bench.py                      # everything on the default device
@@ -33,7 +33,7 @@ presets = ('cpu', 'base')
 batch_size = 16           # clips per step at the cpu preset
 base_batch_size = 0       # clips per step at the base preset; 0 = 1 on CPU, 16 on CUDA
 steps = 10                # timed steps (after 2 warm-up steps)
-optimizer = 'adamw'       # 'adamw' | 'muon' (Muon on the hidden matrices: train.py's --optimizer)
+optimizer = 'muon'        # 'muon' (on the hidden matrices, AdamW on the rest) | 'adamw': train.py's --optimizer
 device = ''
 peak_tflops = 989.0       # H100/H200 SXM bf16 dense
 seed = 0

@@ -267,7 +267,8 @@ def check_compatible(ckpt, s, path, modules=('wm', 'lam')):
 
 
 def load_model(path, device='cpu'):
-    """Checkpoint -> (CoLAWorld in eval mode, settings dict). The EMA world model is used when saved."""
+    """Checkpoint -> (CoLAWorld in eval mode, the checkpoint dict; its settings are ckpt['config']). The EMA world
+    model is used when saved. Weights saved in fp16 (measure.export) load into the fp32 model."""
     ckpt = load_checkpoint(path, device)
     model = CoLAWorld(ckpt['config']).to(device)
     try:
@@ -277,4 +278,4 @@ def load_model(path, device='cpu'):
             model.wm.load_state_dict(ckpt['ema_wm'])
     except RuntimeError as e:  # written by another version of the code
         raise ValueError(f"checkpoint {path} does not fit this code's modules: {str(e).splitlines()[0]}") from None
-    return model.eval(), ckpt['config']
+    return model.eval(), ckpt

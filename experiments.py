@@ -42,7 +42,8 @@ pretrain_steps = 2000   # the shared action-free world model, one per environmen
 budget = 1200           # steps after pretraining, the same for every schedule: N + M = W + J
 warmup = 400            # CoLA's warm-up W (the paper: 8K of 60K steps)
 res = 32
-train_args = ''         # extra train.py flags for every run (sizes: world_model.PRESETS['cpu'])
+train_args = '--optimizer=adamw --lr_schedule=cosine'  # extra train.py flags for every run (sizes: world_model.PRESETS['cpu']);
+                        # results/ were measured with AdamW + cosine, train.py's recipe before Muon + WSD
 eval_args = '--n_clips=16'
 plan_args = '--n_tasks=4'  # tasks per family (reach, push) and run
 plan_envs = 'sim'       # environments whose runs are planned (PushT is left out to fit 150 minutes)

@@ -4,6 +4,7 @@ summary: what they start from (a checkpoint's model and its data, open_run), fra
 rollout scores, codebook health, the linear (and MLP) probe of latent actions, and the real-action adapter.
 Frames are batched tensors in [-1, 1]; figures come back as floats.
 """
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import cola
-from data import ClipSampler, resolve_data, to_model
+from data import ClipSampler, atomic_save, resolve_data, to_model
 from lam import code_stats
 
 
@@ -20,14 +21,32 @@ def open_run(ckpt, data, device, split='val', horizon=None, seed=0, camera='', f
     """What sample.py, eval.py, plan.py and play.py start from: the checkpoint's model and settings, its world
     model's config, and a clip sampler over `split` of `data` ('' = the data the checkpoint trained on). Clips
     have n_context + horizon frames, or one training window when horizon is None. A LeRobot dataset is read with
-    `camera` and `frame_stride`, or ('', 0) the checkpoint's."""
-    model, settings = cola.load_model(ckpt, device)
-    wm_cfg = model.wm.cfg
+    `camera` and `frame_stride`, or ('', 0) the checkpoint's. A checkpoint that carries its data's state probe
+    (export) puts it beside that data when none is there, so a fresh clone measures without fitting one."""
+    model, saved = cola.load_model(ckpt, device)
+    settings, wm_cfg = saved['config'], model.wm.cfg
     data_dir = resolve_data(data or settings['data'] or None, wm_cfg.res, wm_cfg.n_frames,
                             policy=settings.get('policy', 'explore'),
                             camera=camera or settings.get('camera', ''), stride=frame_stride or settings.get('frame_stride', 1))
+    probe = os.path.join(data_dir, 'state_probe.pt')
+    if 'state_probe' in saved and not data and not os.path.exists(probe):
+        atomic_save(probe, lambda f: torch.save(saved['state_probe'], f))
     clip_len = wm_cfg.n_frames if horizon is None else wm_cfg.n_context + horizon
     return model, settings, wm_cfg, ClipSampler(data_dir, clip_len, split, seed=seed)
+
+
+def export(src, dst, device='cpu'):
+    """A checkpoint -> a small one to hand on: the modules' weights in fp16 (the EMA world model where saved), the
+    settings, step and phase, and the state probe fitted on its training data when there is one. No optimizer
+    state: it loads wherever --ckpt or --init_from does, not for --resume."""
+    model, saved = cola.load_model(src, device)
+    out = {name: {k: v.half() if v.is_floating_point() else v for k, v in getattr(model, name).state_dict().items()}
+           for name in cola.CoLAWorld.MODULES}
+    out.update(config=saved['config'], step=saved['step'], phase=saved['phase'])
+    probe = os.path.join(open_run(src, '', device)[3].dir, 'state_probe.pt')
+    if os.path.isfile(probe):
+        out['state_probe'] = torch.load(probe, map_location='cpu')
+    atomic_save(dst, lambda f: torch.save(out, f))
 
 
 def psnr(a, b):

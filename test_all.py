@@ -203,6 +203,14 @@ def tiny_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
+def builtin_root(tmp_path_factory):
+    """A root for $COLA_DATA holding the built-in dataset (1000 episodes, 32 px) simulated afresh, as on a new clone."""
+    root = str(tmp_path_factory.mktemp('builtin'))
+    data.default_dataset(32, root=root)
+    return root
+
+
+@pytest.fixture(scope='module')
 def lerobot_sets(tmp_path_factory):
     """The same 9 simulator episodes (10-12 frames, 32 px) as a v3.0 dataset (AV1 if PyAV has an encoder; 2
     episodes per video file, 8 per data file) and as a v2.1 one (H.264, a file per episode)."""
@@ -930,6 +938,29 @@ def test_eval_json_and_determinism(tiny_ckpt):
     assert a == b  # the same --seed gives the same figures
 
 
+def readme_row(first_cell):
+    """The numbers in the README's table row that starts with first_cell (a row's '+2.85 (22.63)' gives 2.85, 22.63)."""
+    row = next(line for line in open(os.path.join(HERE, 'README.md')) if line.startswith(f'| {first_cell} |'))
+    return [float(x) for cell in row.split('|')[3:] for x in re.findall(r'[-+−]?\d+\.\d+', cell.replace('−', '-'))]
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_gives_the_readme_figures(builtin_root):
+    """checkpoints/sim.pt, the default run's seed 0 in fp16, on the built-in data simulated afresh: eval.py's defaults
+    give the README's figures, measured by the state probe the checkpoint carries (nothing is fitted but the
+    probe of the latents and the adapter). A broken sampler or adapter moves them far beyond the tolerance, another CPU's rounding does not."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'eval.py'), '--ckpt=checkpoints/sim.pt'], capture_output=True,
+                       text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '2', 'COLA_DATA': builtin_root})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'fitting the state probe' not in r.stdout
+    e = json.loads(r.stdout.strip().splitlines()[-1])
+    psnr, copy, shuffled, probe, adapter = readme_row('`checkpoints/sim.pt`')
+    assert e['copy_psnr'] == pytest.approx(copy, abs=0.01)  # the same held-out clips
+    # 0.02 dB: the README's rounding and another CPU's; sampling without noise moves PSNR by 0.05, a reversed adapter by 3.7
+    assert e['psnr'] == pytest.approx(psnr, abs=0.02) and e['psnr_gain_over_shuffled'] == pytest.approx(shuffled, abs=0.02)
+    assert e['probe_r2'] == pytest.approx(probe, abs=0.002) and e['adapter_psnr'] == pytest.approx(adapter, abs=0.05)
+
+
 @pytest.mark.slow
 def test_sample_writes_gifs(tiny_ckpt, tmp_path):
     r = run('sample.py', f'--ckpt={tiny_ckpt}', f'--out_dir={tmp_path}', *FAST, '--n_clips=3', '--tour_steps=3')
@@ -1101,6 +1132,29 @@ def test_play_headless_gif_and_page(tiny_ckpt, tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+@pytest.mark.slow
+def test_shipped_checkpoint_moves_the_agent_right_under_right_keys(builtin_root, monkeypatch):
+    """play.py on checkpoints/sim.pt: six 'right' keys (real actions through the adapter and the quantizer) carry the
+    agent at least 0.1 arena widths right of where it started, as the state probe reads the 6th generated frame
+    (the median over the first four held-out clips whose agent starts with room to move: x <= 0.6 of the arena)."""
+    import play
+    monkeypatch.setenv('COLA_DATA', builtin_root)
+    model, _, _, sampler = measure.open_run('checkpoints/sim.pt', '', 'cpu', 'train')
+    z_e, acts = measure.episode_latents(model, sampler, sampler.episodes('train')[:play.adapter_episodes], 'cpu')
+    adapter = measure.train_adapter(torch.cat(acts), torch.cat(z_e), play.adapter_steps)[0]
+    probe = state_probe.load_state_probe(sampler)
+    session, moves = play.Session(model, sampler, adapter), []
+    while len(moves) < 4:
+        if session.episode['states'][1][0] <= 0.6:
+            for _ in range(6):
+                session.press('right')
+            with torch.no_grad():
+                x = state_probe.locate(probe(torch.cat([session.frames[1], session.frames[-1]])))[0][:, 0]
+            moves.append(float(x[1] - x[0]))
+        session.press('r')
+    assert np.median(moves) >= 0.1, moves
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -87,13 +87,13 @@ motion_weight = 0.0     # > 0: pixels that changed since the frame before weigh 
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
-optimizer = 'adamw'     # 'adamw' | 'muon': Muon on the hidden weight matrices, AdamW on the rest (cola.is_hidden_matrix)
+optimizer = 'muon'      # 'muon': Muon on the hidden weight matrices, AdamW on the rest (cola.is_hidden_matrix) | 'adamw'
 lr = 1e-3               # peak learning rate
 actions_lr = 2e-3       # peak learning rate of --mode=actions
-min_lr = 1e-4
 lr_ramp = 50            # steps of the linear LR ramp at the start of every phase (the paper's warm-up: warmup_steps)
-lr_schedule = 'cosine'  # 'cosine' (to min_lr) | 'wsd' (warmup-stable-decay: constant, then linear to 0)
+lr_schedule = 'wsd'     # 'wsd' (warmup-stable-decay: constant, then linear to 0) | 'cosine' (to min_lr)
 cooldown = 0.2          # wsd: the fraction of each phase that cools down
+min_lr = 1e-4           # cosine: the rate it ends at
 weight_decay = 0.0
 grad_clip = 1.0
 ema_decay = 0.0         # > 0 keeps an EMA of the world model (saved as ema_wm)
