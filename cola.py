@@ -33,15 +33,17 @@ def model_configs(s):
     # takes clips of the world model's length
     decoder = s.get('mode') == 'two_stage' or (s.get('mode') == 'cola' and s.get('lam_init_steps', 0) > 0)
     fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames,
-                 patch=s.get('idm_patch') or wm_cfg.patch)  # the LAM's own patch, finer for small agents
+                 patch=s.get('idm_patch') or wm_cfg.patch,  # the IDM's own patch, finer for small agents
+                 dec_patch=s.get('dec_patch') or s.get('idm_patch') or wm_cfg.patch)
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
     flags = {**{k: getattr(wm_cfg, k) for k in ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width',
                                                 'n_action_tokens', 'action_dim')},
-             'idm_patch': lam_cfg.patch, 'idm_depth': lam_cfg.idm_depth, 'codebook_size': lam_cfg.codebook_size}
+             'idm_patch': lam_cfg.patch, 'dec_patch': lam_cfg.dec_patch, 'idm_depth': lam_cfg.idm_depth,
+             'codebook_size': lam_cfg.codebook_size}
     for flag, v in flags.items():
         if not v > 0:
             raise ValueError(f"--{flag} must be positive, got {v}")
-    for flag in ('patch', 'idm_patch'):
+    for flag in ('patch', 'idm_patch', 'dec_patch'):
         if wm_cfg.res % flags[flag]:
             raise ValueError(f"--res={wm_cfg.res} must be divisible by --{flag}={flags[flag]}")
     if wm_cfg.width % wm_cfg.n_heads:

@@ -33,6 +33,7 @@ class LAMConfig:
     codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
     fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
     dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
+    dec_patch: int = 4           # the decoder's patch: finer than the IDM's, it renders a small agent's move
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -216,25 +217,25 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         D = cfg.width
-        self.embed = nn.Linear(cfg.patch ** 2 * cfg.channels, D)
+        self.embed = nn.Linear(cfg.dec_patch ** 2 * cfg.channels, D)
         self.act_embed = nn.Linear(cfg.action_dim, D)
-        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.patch, D), persistent=False)
+        self.register_buffer('pos_space', sincos_2d(cfg.res // cfg.dec_patch, D), persistent=False)
         self.blocks = nn.ModuleList(Block(D, cfg.n_heads) for _ in range(cfg.dec_depth))
         self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, cfg.patch ** 2 * cfg.channels)
+        self.head = nn.Linear(D, cfg.dec_patch ** 2 * cfg.channels)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
     def forward(self, frames, z):
         """frames: (B, T-1, C, H, W) current frames; z: (B, T-1, n_tok, d) -> predicted next frames."""
         B, T1, C, H, W = frames.shape
-        N = (H // self.cfg.patch) ** 2
-        cur = patchify(frames, self.cfg.patch).flatten(0, 1)  # (B*(T-1), N, p*p*C)
+        N = (H // self.cfg.dec_patch) ** 2
+        cur = patchify(frames, self.cfg.dec_patch).flatten(0, 1)  # (B*(T-1), N, p*p*C)
         h = torch.cat([self.embed(cur) + self.pos_space, self.act_embed(z.flatten(0, 1))], dim=1)
         for blk in self.blocks:
             h = blk(h)
         delta = self.head(self.norm(h[:, :N]))
-        return unpatchify((cur + delta).view(B, T1, N, -1), self.cfg.patch, H, W)
+        return unpatchify((cur + delta).view(B, T1, N, -1), self.cfg.dec_patch, H, W)
 
 
 class LAM(nn.Module):

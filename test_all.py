@@ -646,12 +646,13 @@ def test_frozen_lam_warms_up_then_trains_only_the_wm(tiny_data, pretrained, tmp_
 @pytest.mark.slow
 def test_lam_init_trains_the_lam_on_pixels_before_the_warmup(tiny_data, pretrained, tmp_path):
     """--lam_init_steps: CoLA's LAM first learns with the pixel decoder (the WM untouched), then warm-up and joint;
-    --idm_patch gives the LAM a finer patch than the world model's."""
+    --idm_patch gives the IDM a finer patch than the world model's, --dec_patch the decoder one of its own."""
     out = str(tmp_path)
     train(out, f'--init_from={pretrained}/ckpt.pt', '--lam_init_steps=2', '--warmup_steps=2', '--joint_steps=1',
-          '--motion_weight=50', '--idm_patch=2', data_dir=tiny_data)
+          '--motion_weight=50', '--idm_patch=2', '--dec_patch=1', data_dir=tiny_data)
     lam = ckpt(out)['lam']
     assert lam['idm.embed.weight'].shape[1] == 2 * 2 * 3 and ckpt(out)['wm']['embed.weight'].shape[1] == 4 * 4 * 3
+    assert lam['decoder.embed.weight'].shape[1] == 1 * 1 * 3
     log = log_of(out)
     assert [r['phase'] for r in log] == ['lam'] * 2 + ['warmup'] * 2 + ['joint']
     assert all('recon' in r and r['grad_wm'] == 0 and r['grad_action'] == 0 for r in log[:2])
@@ -770,6 +771,7 @@ def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
     # the same checks in process (train.py turns each ValueError into its one line, as above)
     base = dict(preset='cpu', res=16, dec_depth=2, idm_depth=2, mode='cola')
     for bad, msg in ((dict(idm_patch=3), '--res=16 must be divisible by --idm_patch=3'),
+                     (dict(dec_patch=3), '--res=16 must be divisible by --dec_patch=3'),
                      (dict(quantizer='xx'), '--quantizer must be one of vq, fsq, none'),
                      (dict(n_context=4), '--n_context=4 must be at least 1 and below n_frames=4'),
                      (dict(width=30), '--width=30 must be divisible by --n_heads=4')):

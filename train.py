@@ -78,7 +78,8 @@ codebook_size = 32
 fsq_levels = (8, 4)
 relax_anneal = 0.9      # soft-to-hard quantization: p_relax falls 1 -> 0 over this fraction of the LAM's steps (lam.LAM.forward)
 idm_keypoints = 16      # the IDM reads the move from K keypoints' displacements (0 = the difference pooling alone)
-idm_patch = None        # the LAM's patch (IDM and two-stage decoder); None = the world model's
+idm_patch = None        # the IDM's patch; None = the world model's
+dec_patch = None        # the two-stage decoder's patch; None = the IDM's
 idm_depth = 2           # the IDM's spatial blocks
 dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_stage only: cola.model_configs)
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
