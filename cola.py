@@ -33,8 +33,7 @@ def model_configs(s):
     # takes clips of the world model's length
     decoder = s.get('mode') == 'two_stage' or (s.get('mode') == 'cola' and s.get('lam_init_steps', 0) > 0)
     fixed = dict(dec_depth=s['dec_depth'] if decoder else 0, max_frames=wm_cfg.n_frames,
-                 patch=s.get('idm_patch') or wm_cfg.patch,  # the IDM's own patch, finer for small agents
-                 dec_patch=s.get('dec_patch') or s.get('idm_patch') or wm_cfg.patch)
+                 patch=s.get('idm_patch') or wm_cfg.patch)  # the IDM's own patch, finer for small agents
     lam_cfg = LAMConfig(**{**pick(LAMConfig), **fixed})
     flags = {**{k: getattr(wm_cfg, k) for k in ('res', 'patch', 'n_frames', 'width', 'depth', 'n_heads', 'act_width',
                                                 'n_action_tokens', 'action_dim')},

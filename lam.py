@@ -33,7 +33,10 @@ class LAMConfig:
     codebook_size: int = 32      # VQ entries (shared by all tokens: 2 tokens -> 32^2 combinations)
     fsq_levels: tuple = (8, 4)   # FSQ levels per dimension; codebook size = prod(levels)
     dec_depth: int = 0           # > 0 builds the two-stage baseline decoder with this many blocks
-    dec_patch: int = 4           # the decoder's patch: finer than the IDM's, it renders a small agent's move
+    dec_patch: int = 0           # the decoder's patch (0: the IDM's); finer, it renders a small agent's move
+
+    def __post_init__(self):
+        self.dec_patch = self.dec_patch or self.patch
 
 
 # ----------------------------------------------------------------------------------------------------
