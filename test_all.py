@@ -946,21 +946,28 @@ def readme_row(first_cell):
     return [float(x) for cell in row.split('|')[3:] for x in re.findall(r'[-+−]?\d+\.\d+', cell.replace('−', '-'))]
 
 
+def eval_gives_readme_row(ckpt, *flags, env=None):
+    """Run eval.py on a shipped checkpoint (2 threads) and check its figures against the README's row for it;
+    returns eval.py's stdout. Tolerances: 0.02 dB is the README's rounding and another CPU's; broken on purpose,
+    sampling without noise moves sim.pt's PSNR by 0.05, a reversed adapter by 3.7 (pusht.pt's: NOTES.md)."""
+    r = subprocess.run([sys.executable, os.path.join(HERE, 'eval.py'), f'--ckpt={ckpt}', *flags], capture_output=True,
+                       text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '2', **(env or {})})
+    assert r.returncode == 0, r.stderr[-3000:]
+    e = json.loads(r.stdout.strip().splitlines()[-1])
+    psnr, copy, shuffled, probe, adapter = readme_row(f'`{ckpt}`')
+    assert e['copy_psnr'] == pytest.approx(copy, abs=0.01)  # the same held-out clips
+    assert e['psnr'] == pytest.approx(psnr, abs=0.02) and e['psnr_gain_over_shuffled'] == pytest.approx(shuffled, abs=0.02)
+    assert e['probe_r2'] == pytest.approx(probe, abs=0.002) and e['adapter_psnr'] == pytest.approx(adapter, abs=0.05)
+    return r.stdout
+
+
 @pytest.mark.slow
 def test_shipped_checkpoint_gives_the_readme_figures(builtin_root):
     """checkpoints/sim.pt, the default run's seed 0 in fp16, on the built-in data simulated afresh: eval.py's defaults
     give the README's figures, measured by the state probe the checkpoint carries (nothing is fitted but the
     probe of the latents and the adapter). A broken sampler or adapter moves them far beyond the tolerance, another CPU's rounding does not."""
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'eval.py'), '--ckpt=checkpoints/sim.pt'], capture_output=True,
-                       text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '2', 'COLA_DATA': builtin_root})
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert 'fitting the state probe' not in r.stdout
-    e = json.loads(r.stdout.strip().splitlines()[-1])
-    psnr, copy, shuffled, probe, adapter = readme_row('`checkpoints/sim.pt`')
-    assert e['copy_psnr'] == pytest.approx(copy, abs=0.01)  # the same held-out clips
-    # 0.02 dB: the README's rounding and another CPU's; sampling without noise moves PSNR by 0.05, a reversed adapter by 3.7
-    assert e['psnr'] == pytest.approx(psnr, abs=0.02) and e['psnr_gain_over_shuffled'] == pytest.approx(shuffled, abs=0.02)
-    assert e['probe_r2'] == pytest.approx(probe, abs=0.002) and e['adapter_psnr'] == pytest.approx(adapter, abs=0.05)
+    out = eval_gives_readme_row('checkpoints/sim.pt', env={'COLA_DATA': builtin_root})
+    assert 'fitting the state probe' not in out
 
 
 @pytest.mark.slow
@@ -972,15 +979,7 @@ def test_shipped_pusht_checkpoint_gives_the_readme_figures(tmp_path):
     unseen = str(tmp_path / 'pusht-unseen')
     r = run('data.py', '--env=pusht', f'--out_dir={unseen}', '--episodes=40', '--seed=1')
     assert r.returncode == 0, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, os.path.join(HERE, 'eval.py'), '--ckpt=checkpoints/pusht.pt', f'--data={unseen}'],
-                       capture_output=True, text=True, cwd=HERE, env={**os.environ, 'OMP_NUM_THREADS': '2'})
-    assert r.returncode == 0, r.stderr[-3000:]
-    e = json.loads(r.stdout.strip().splitlines()[-1])
-    psnr, copy, shuffled, probe, adapter = readme_row('`checkpoints/pusht.pt`')
-    assert e['copy_psnr'] == pytest.approx(copy, abs=0.01)  # the same clips
-    # the tolerances of sim.pt's test; broken on purpose, the sampler's noise and the adapter fail them (NOTES.md)
-    assert e['psnr'] == pytest.approx(psnr, abs=0.02) and e['psnr_gain_over_shuffled'] == pytest.approx(shuffled, abs=0.02)
-    assert e['probe_r2'] == pytest.approx(probe, abs=0.002) and e['adapter_psnr'] == pytest.approx(adapter, abs=0.05)
+    eval_gives_readme_row('checkpoints/pusht.pt', f'--data={unseen}')
 
 
 @pytest.mark.slow
