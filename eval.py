@@ -16,6 +16,8 @@ Measure a CoLA-World checkpoint as the paper does, in one command (under a minut
    averaged, driven by the IDM's latent actions inferred from the ground truth, by real actions through
    the adapter, and by the null action (the gap to it is the control the latent actions carry), next to
    copying the last context frame.
+4. fit: the world model's flow loss on training clips and on held-out ones, with the same noise; where the
+   two part, the model has learned its episodes rather than the world, and more data would help.
 A checkpoint of `train.py --mode=actions` (a world model driven by real actions) gets 3. alone, its rollouts
 driven by the clips' real actions. The held-out split is the one train.py held out (data.ClipSampler). The
 probe and the adapter need true actions; a folder without them gets the rest. The last line of stdout is one JSON object (keys: README).
@@ -31,6 +33,8 @@ import torch
 import measure
 import state_probe
 from configurator import configure, fail
+from data import ClipSampler
+from world_model import flow_loss
 
 # ----------------------------------------------------------------------------------------------------
 # settings
@@ -47,6 +51,7 @@ probe_ridge = 1e-3      # ridge penalty, relative to the mean eigenvalue of the 
 adapter_episodes = 32   # labelled training episodes the adapter learns from
 adapter_steps = 500     # full-batch Adam steps of the adapter
 state_probe_steps = 2400  # training steps of the data's state probe (cached beside the data); 0 = no state probe
+flow_clips = 512        # clips of each split for the flow loss on training against held-out clips; 0 = skip
 device = ''             # 'cpu', 'cuda', 'cuda:N'; '' = cuda if available
 seed = 0
 RENAMED = {'sample_steps': 'euler_steps'}  # old flags that still work
@@ -216,6 +221,25 @@ for obj in ('agent', 'blocks'):
             print(f"{k + 1 if k != 'mean' else k:>5} " + ''.join(f"{key(p):10.4f}" for _, p in cols))
         print(f"{obj} held for {out[f'{obj}_frames_within_quarter']} / {out[f'{obj}_frames_within_half']} of {horizon} "
               f"generated frames (error within a quarter / half of copy-last's, or the probe's + 0.01)")
+
+# ----------------------------------------------------------------------------------------------------
+# 4. fit: the flow loss (train.py's, without the null-action drop or the motion weight) on training windows against
+#    held-out ones. Each split has its own sampler, so the clips of 1.-3. are unchanged; both splits see the same
+#    flow times and noise, so the gap is the data's, not the draw's.
+if flow_clips:
+    flow = {}
+    for split in ('train', 'val'):
+        windows, g = ClipSampler(sampler.dir, wm_cfg.n_frames, split, seed=seed), torch.Generator(device).manual_seed(seed)
+        losses = []
+        for _ in range(max(1, flow_clips // 16)):
+            b = windows.sample(16, device)
+            with torch.inference_mode():
+                z = model.drive(b['frames'], b['actions'])
+                losses.append(flow_loss(model.wm, model.action, b['frames'], z, generator=g).item())
+        flow[split] = mean(losses)
+    out.update(flow_train=flow['train'], flow_val=flow['val'], flow_gap=flow['val'] / flow['train'] - 1)
+    print(f"flow loss on {16 * len(losses)} training / held-out windows (the same noise): {flow['train']:.5f} / "
+          f"{flow['val']:.5f} (held-out {out['flow_gap']:+.1%})")
 
 out['wall_s'] = time.time() - t_start
 print(f"done in {out['wall_s']:.0f} s (LPIPS and FVD are not computed: their networks cannot be downloaded here)")

@@ -923,8 +923,9 @@ def test_eval_json_and_determinism(tiny_ckpt):
     for k in ('psnr_gain_over_null', 'psnr_gain_over_shuffled', 'probe_speed_r2', 'probe_onehot_speed_r2',
               'probe_pre_speed_r2', 'probe_disp_r2', 'probe_onehot_disp_r2', 'probe_pre_disp_r2', 'probe_l1', 'probe_r2', 'probe_l1_mean', 'code_util', 'code_max',
               'code_entropy', 'code_perplexity', 'adapter_code_util', 'adapter_code_max', 'adapter_loss',
-              'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2'):
+              'probe_onehot_r2', 'probe_pre_r2', 'probe_mlp_r2', 'flow_gap'):
         assert math.isfinite(a[k]), k
+    assert a['flow_train'] > 0 and a['flow_val'] > 0  # training windows against held-out ones, the same noise
     for p in ('', 'adapter_', 'null_', 'copy_'):  # the state probe's position errors, per step
         for obj in ('agent', 'blocks'):
             assert math.isfinite(a[f'{p}state_err_{obj}']) and len(a[f'{p}state_err_{obj}_per_step']) == 6
