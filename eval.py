@@ -18,7 +18,7 @@ Measure a CoLA-World checkpoint as the paper does, in one command (under a minut
    copying the last context frame.
 4. fit: the world model's flow loss on training clips and on held-out ones, with the same noise; where the
    two part, the model has learned its episodes rather than the world, and more data would help.
-A checkpoint of `train.py --mode=actions` (a world model driven by real actions) gets 3. alone, its rollouts
+A checkpoint of `train.py --mode=actions` (a world model driven by real actions) gets 3. and 4. alone, its rollouts
 driven by the clips' real actions. The held-out split is the one train.py held out (data.ClipSampler). The
 probe and the adapter need true actions; a folder without them gets the rest. The last line of stdout is one JSON object (keys: README).
 LPIPS and FVD need network weights that cannot be downloaded here: they are not computed.
@@ -225,7 +225,7 @@ for obj in ('agent', 'blocks'):
 # ----------------------------------------------------------------------------------------------------
 # 4. fit: the flow loss (train.py's, without the null-action drop or the motion weight) on training windows against
 #    held-out ones. Each split has its own sampler, so the clips of 1.-3. are unchanged; both splits see the same
-#    flow times and noise, so the gap is the data's, not the draw's.
+#    flow times and noise, so only the clips differ (at 512 windows a split the gap still moves by about 0.1).
 if flow_clips:
     flow = {}
     for split in ('train', 'val'):
