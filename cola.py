@@ -129,7 +129,9 @@ class CoLAWorld(nn.Module):
     `cond_drop` (the null action's probability, for classifier-free guidance) and `motion_weight` are settings.
     motion_weight (flow_loss) weighs the moved pixels only where the world model is driven by actions: it makes
     the action matter to the loss; pretraining has no action, and on the pixel decoder it cost the LAM a third
-    of the move (NOTES.md, "PushT").
+    of the move (NOTES.md, "PushT"). recon_weight > 0 keeps the pixel decoder's loss beside the flow loss in the
+    warm-up and joint phases: through the frozen world model alone a small agent's codes trade its direction for
+    its speed (NOTES.md, "The warm-up wipes a small agent's direction").
     """
     MODULES = ('wm', 'action', 'lam')
     # phase      trains (PHASES)       frozen by set_phase         what drives the world model
@@ -147,6 +149,7 @@ class CoLAWorld(nn.Module):
         self.wm, self.action, self.lam = VideoDiT(wm_cfg), ActionEncoder(wm_cfg), LAM(lam_cfg)
         self.cond_drop = settings.get('cond_drop', 0.1)
         self.motion_weight = settings.get('motion_weight', 0.0)
+        self.recon_weight = settings.get('recon_weight', 0.0)
         self.real_actions = settings.get('mode') == 'actions'
 
     def forward(self, x, phase, actions=None, p_relax=0.0):
@@ -168,8 +171,11 @@ class CoLAWorld(nn.Module):
         if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
             out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])
             return dict(out, loss=out['recon'])
-        # warm-up and joint: the flow loss is the IDM's only signal
+        # warm-up and joint: the flow loss is the IDM's only signal (unless recon_weight keeps the pixel decoder's)
         out['flow'] = flow_loss(self.wm, self.action, x, z, self.cond_drop, motion_weight=self.motion_weight)
+        if self.recon_weight > 0 and phase in ('warmup', 'joint'):
+            out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])
+            return dict(out, loss=out['flow'] + self.recon_weight * out['recon'])
         return dict(out, loss=out['flow'])
 
     def set_phase(self, phase):

@@ -570,6 +570,30 @@ def test_motion_weight_weighs_only_where_actions_drive_the_world_model():
         assert torch.equal(*losses) == (phase in ('pretrain', 'lam')), phase
 
 
+def test_recon_weight_keeps_the_pixel_loss_beside_the_flow_loss():
+    """--recon_weight w: in the warm-up and joint phases the loss is flow + w * the pixel decoder's, and the
+    decoder's gradient reaches the IDM; w = 0 leaves the flow loss alone."""
+    settings = dict(preset='cpu', res=16, width=32, depth=1, idm_depth=1, n_heads=2, act_width=32, action_dim=8,
+                    mode='cola', lam_init_steps=1, dec_depth=1, quantizer='fsq', fsq_levels=(5, 5))
+    x = moving_square(2, 4)
+    torch.manual_seed(0)
+    plain, kept = cola.CoLAWorld(settings), cola.CoLAWorld(dict(settings, recon_weight=0.5))
+    torch.nn.init.normal_(plain.lam.decoder.head.weight, std=0.02)  # zero at init: no gradient would pass it
+    kept.load_state_dict(plain.state_dict())
+    for phase in ('warmup', 'joint'):
+        outs = []
+        for model in (plain, kept):
+            model.set_phase(phase)
+            torch.manual_seed(1)
+            outs.append(model(x, phase))
+        assert outs[0]['recon'] is None and outs[0]['loss'] is outs[0]['flow']
+        assert torch.allclose(outs[1]['flow'], outs[0]['flow'])
+        assert torch.allclose(outs[1]['loss'], outs[1]['flow'] + 0.5 * outs[1]['recon'])
+        kept.zero_grad()
+        (outs[1]['loss'] - outs[1]['flow']).backward()  # the pixel term alone
+        assert kept.lam.decoder.embed.weight.grad.abs().sum() > 0 and kept.lam.idm.embed.weight.grad.abs().sum() > 0
+
+
 def test_latent_actions_window_like_the_idm():
     model = cola.CoLAWorld(dict(preset='cpu', res=16, width=32, idm_depth=1, n_heads=2, action_dim=8, codebook_size=8))
     lam = model.eval().lam
@@ -763,7 +787,8 @@ def test_bad_input_one_line_errors(tiny_data, pretrained, tmp_path):
              (['--res=30'], '--res=30 must be divisible by --patch=4'),
              (['--batch_size=0'], '--batch_size must be positive, got 0'),
              (['--pretrain_steps=-5'], '--pretrain_steps must be at least 0, got -5'),
-             (['--mode=bogus'], '--mode must be one of pretrain, cola, two_stage, frozen_lam, actions')]
+             (['--mode=bogus'], '--mode must be one of pretrain, cola, two_stage, frozen_lam, actions'),
+             (['--recon_weight=1'], '--recon_weight=1.0 needs the pixel decoder')]
     for flags, msg in cases:
         r = train(str(tmp_path / 'o'), *flags, check=False)
         assert r.returncode != 0 and msg in r.stderr, (flags, r.stderr[-500:])

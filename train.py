@@ -85,6 +85,8 @@ dec_depth = 2           # blocks of the two-stage decoder (built in --mode=two_s
 cond_drop = 0.1         # probability of the null action in training (classifier-free guidance)
 motion_weight = 0.0     # > 0: pixels that changed since the frame before weigh 1 + motion_weight in the flow loss
                         # wherever actions drive the world model (warm-up, joint, wm; not pretraining)
+recon_weight = 0.0      # > 0 (cola with --lam_init_steps): the pixel decoder's loss stays in the warm-up and joint
+                        # phases beside the flow loss, weighted this much
 # optimisation: one learning rate for every part, as in the paper
 batch_size = 16         # clips per micro-batch per process
 grad_accum = 1
@@ -127,11 +129,13 @@ check(config, positive=('batch_size', 'grad_accum', 'lr', 'actions_lr', 'log_int
                         'euler_steps', 'grad_clip'),
       non_negative=('pretrain_steps', 'warmup_steps', 'joint_steps', 'lam_steps', 'lam_init_steps', 'wm_steps',
                     'actions_steps', 'stop_at', 'lr_ramp', 'min_lr', 'weight_decay', 'eval_clips', 'motion_weight',
-                    'frame_stride'),
+                    'recon_weight', 'frame_stride'),
       fraction=('cond_drop', 'cooldown'),
       choices=dict(mode=tuple(MODES), optimizer=('adamw', 'muon'), lr_schedule=('cosine', 'wsd')))
 if not 0 <= relax_anneal < 1 or not 0 <= ema_decay < 1:
     fail(f"--relax_anneal and --ema_decay must be in [0, 1), got {relax_anneal} and {ema_decay}")
+if recon_weight > 0 and not (mode == 'cola' and lam_init_steps > 0):
+    fail(f"--recon_weight={recon_weight} needs the pixel decoder: --mode=cola with --lam_init_steps > 0")
 schedule = [(p, n) for p, n in MODES[mode] if not (p == 'pretrain' and init_from and mode != 'pretrain')]
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 
