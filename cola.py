@@ -168,15 +168,13 @@ class CoLAWorld(nn.Module):
             with torch.no_grad() if phase == 'wm' else nullcontext():  # the two-stage WM phase: the LAM is frozen
                 lam = self.lam(x, p_relax)
             z, out['codes'], out['restarts'] = lam['z'], lam['codes'], lam['restarts']
-        if phase == 'lam':  # two-stage, stage 1: pixel reconstruction of frame t+1 from frame t and z_t
-            out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])
+        if phase == 'lam' or (self.recon_weight > 0 and phase in ('warmup', 'joint')):
+            out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])  # frame t+1 from frame t and z_t
+        if phase == 'lam':  # two-stage, stage 1: the pixel decoder alone
             return dict(out, loss=out['recon'])
         # warm-up and joint: the flow loss is the IDM's only signal (unless recon_weight keeps the pixel decoder's)
         out['flow'] = flow_loss(self.wm, self.action, x, z, self.cond_drop, motion_weight=self.motion_weight)
-        if self.recon_weight > 0 and phase in ('warmup', 'joint'):
-            out['recon'] = F.mse_loss(self.lam.decoder(x[:, :-1], z), x[:, 1:])
-            return dict(out, loss=out['flow'] + self.recon_weight * out['recon'])
-        return dict(out, loss=out['flow'])
+        return dict(out, loss=out['flow'] if out['recon'] is None else out['flow'] + self.recon_weight * out['recon'])
 
     def set_phase(self, phase):
         """Train the modules of `phase`; freeze the others (requires_grad off, eval mode). Returns the
