@@ -623,6 +623,10 @@ def test_warmup_freezes_wm_then_joint_trains_all(tiny_data, pretrained, tmp_path
     for rec in log_of(out):
         assert rec['phase'] == 'warmup' and rec['grad_wm'] == 0
         assert rec['grad_lam'] > 0 and rec['grad_action'] > 0 and 0 < rec['code_util'] <= 1
+    # without --init_from the schedule would pretrain first and run step 3 as pretraining: refused, nothing written
+    r = train(out, '--resume', '--warmup_steps=3', '--joint_steps=2', data_dir=tiny_data, check=False)
+    assert r.returncode != 0 and 'began with --init_from=' in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert same(ckpt(out)['lam'], warm['lam']) and ckpt(out)['step'] == 3
     train(out, '--resume', f'--init_from={pretrained}/ckpt.pt', '--warmup_steps=3', '--joint_steps=2',
           data_dir=tiny_data)
     joint = ckpt(out)

@@ -171,6 +171,10 @@ def start():
             for k in sorted(config):  # allowed, as in nanoGPT, but said out loud: the run is no longer one recipe
                 if master and k not in ('resume', 'stop_at') and resumed['config'].get(k, config[k]) != config[k]:
                     print(f"--resume: --{k} changed from the checkpoint's {resumed['config'][k]!r} to {config[k]!r}")
+            began = resumed['config'].get('init_from', '')
+            if bool(began) != bool(init_from):  # it decides whether pretraining comes first: the steps would shift
+                raise ValueError(f"{ckpt_path} began {f'with --init_from={began}' if began else 'without --init_from'}"
+                                 f", which decides whether the run pretrains; resume it the same way")
         if init_ckpt is not None:
             cola.check_compatible(init_ckpt, config, init_from, modules=('wm',))
         if ddp and not master:
